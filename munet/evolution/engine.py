@@ -1,0 +1,85 @@
+"""Evolution's entry points for the server: a new task's first path, and (scheduler) generations."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from munet.config import Config
+from munet.data.splits import TEST, TRAIN, VALIDATION
+from munet.evolution.mutations import DEFAULT_HPARAMS
+from munet.evolution.scoring import accounted_params, score
+from munet.evolution.train import accuracy, fit_head, run_modules
+from munet.models.root import ensure_root, root_params
+from munet.models.store import PathRecord, Store, TaskRecord
+
+log = logging.getLogger(__name__)
+
+
+
+class InitialPaths:
+    """A new task's first path: the best existing trunk (the root's or another task's) plus a new head.
+
+    Every candidate trunk is frozen, so its outputs are computed once per trunk and only the head
+    trains (seconds). This is muNet's cross-task transfer probe at registration time.
+    """
+
+    def __init__(self, config: Config, store: Store, max_trunks: int = 4):
+        self.config = config
+        self.store = store
+        self.max_trunks = max_trunks
+
+    def trunks(self, exclude_task: str) -> list[tuple[str, PathRecord | None, list[str]]]:
+        """(source task, its path, trunk module ids): the root first, then other tasks' best paths."""
+        root = ensure_root(self.store)
+        out: list[tuple[str, PathRecord | None, list[str]]] = [("root", None, root[:-1])]
+        seen = {tuple(root[:-1])}
+        others = [p for t, p in self.store.current_paths().items() if t != exclude_task]
+        others.sort(key=lambda p: -(p.score or 0.0))
+        for p in others:
+            trunk = p.modules[:-1]
+            if tuple(trunk) in seen:
+                continue
+            seen.add(tuple(trunk))
+            out.append((p.task, p, trunk))
+            if len(out) >= self.max_trunks:
+                break
+        return out
+
+    def initial_path(self, task: TaskRecord) -> PathRecord:
+        t0 = time.perf_counter()
+        torch.set_num_threads(max(1, self.config.training_threads))
+        xs = {s: self.store.load_examples(task.name, s) for s in (TRAIN, VALIDATION, TEST)}
+        root = ensure_root(self.store)
+        root_head = self.store.load_module(root[-1])
+        n_root = root_params(self.store)
+        best = None
+        for source, parent, trunk in self.trunks(task.name):
+            mods = [self.store.load_module(m) for m in trunk]
+            feats = {s: run_modules(mods, x) for s, (x, _) in xs.items()}
+            head, secs = fit_head(feats[TRAIN], xs[TRAIN][1], len(task.labels), init_norm=root_head.norm,
+                                  epochs=self.config.head_train_epochs, seed=self.config.seed)
+            val = accuracy(head, feats[VALIDATION][:, :1], xs[VALIDATION][1])
+            log.info("task %s: trunk from %s -> validation accuracy %.4f (head %.1f s)",
+                     task.name, source, val, secs)
+            if best is None or val > best[0]:
+                best = (val, source, parent, trunk, head, feats)
+        assert best is not None
+        val, source, parent, trunk, head, feats = best
+        test = accuracy(head, feats[TEST][:, :1], xs[TEST][1]) if len(xs[TEST][1]) else None
+        head_id = self.store.put_module(head)
+        modules = [*trunk, head_id]
+        added = self.store.module_record(head_id).params
+        accounted = accounted_params(self.store, task.name, modules)
+        rec = PathRecord(
+            task=task.name, version=0, modules=modules, hparams=dict(DEFAULT_HPARAMS),
+            lineage={"parents": [parent.version] if parent else [], "parent_task": source,
+                     "mutations": ["new_head"], "added_params": added,
+                     "training_seconds": round(time.perf_counter() - t0, 3),
+                     "examples_version": self.store.examples_version(task.name)},
+            validation_accuracy=val, test_accuracy=test,
+            score=score(val, accounted, n_root, self.config.scale_base),
+        )
+        return self.store.add_path_version(rec)

@@ -1,0 +1,47 @@
+"""Storing a trained candidate as a path version, and promoting it into the live serving graph.
+
+Promotion order: modules stored (content-addressed, immutable) -> version row ("candidate") ->
+`activate` (export to ONNX, parity against torch, load, warm, then flip the pointer atomically in
+the store and in memory). Any failure leaves the old version serving and records why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from munet import metrics
+from munet.evolution.mutations import Candidate
+from munet.models.store import PathRecord, Store
+
+log = logging.getLogger(__name__)
+
+
+def persist_candidate(store: Store, cand: Candidate, validation_accuracy: float, score: float,
+                      lineage: dict) -> PathRecord:
+    ids = []
+    for s in cand.slots:
+        if s.trainable:
+            parent = s.origin.split(":", 1)[1] if s.origin.startswith("clone:") else None
+            ids.append(store.put_module(s.module, parent=parent))
+        else:
+            ids.append(s.module_id)
+    rec = PathRecord(task=cand.task, version=0, modules=ids, hparams=dict(cand.hparams), lineage=lineage,
+                     validation_accuracy=validation_accuracy, score=score, status="candidate")
+    return store.add_path_version(rec)
+
+
+def promote(store: Store, activate: Callable[[PathRecord], object], rec: PathRecord) -> tuple[bool, str]:
+    """Make `rec` the task's served version; on failure the incumbent keeps serving."""
+    try:
+        activate(rec)
+    except Exception as e:  # noqa: BLE001 - export, parity or load: all mean "do not serve this"
+        msg = f"{type(e).__name__}: {e}"
+        log.error("promotion of %s v%d failed, keeping the current version: %s", rec.task, rec.version, msg)
+        store.set_path_status(rec.task, rec.version, "failed", note=msg[:500])
+        metrics.PROMOTIONS.labels(rec.task, "failed").inc()
+        return False, msg
+    metrics.PROMOTIONS.labels(rec.task, "promoted").inc()
+    log.info("promoted %s v%d (validation %.4f, score %.4f)", rec.task, rec.version,
+             rec.validation_accuracy or 0.0, rec.score or 0.0)
+    return True, ""

@@ -1,0 +1,180 @@
+"""The background job: APScheduler runs a generation every interval, one at a time, and on demand.
+
+Training runs in the scheduler's worker thread with `training_threads` torch threads (default 1 of
+the 2 cores), and pauses whenever the serving queue is deeper than `pause_queue_depth` images, so
+serving keeps its latency. A file lock in the data root makes sure that only one scheduler evolves
+a store, whatever the number of server processes or workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import fcntl
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from munet import metrics
+from munet.config import Config
+from munet.errors import FailedPrecondition, NotFound
+from munet.evolution.generation import Evolver, GenerationReport
+from munet.models.store import PathRecord, Store
+
+log = logging.getLogger(__name__)
+
+
+class Stopped(Exception):
+    """Raised inside training when the server shuts down."""
+
+
+class Evolution:
+    def __init__(self, config: Config, store: Store, activate: Callable[[PathRecord], object],
+                 load_signal: Callable[[], int] = lambda: 0):
+        self.config = config
+        self.store = store
+        self.load_signal = load_signal
+        self.evolver = Evolver(config, store, activate, should_pause=self._should_pause)
+        self.scheduler = BackgroundScheduler(
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            executors={"default": {"type": "threadpool", "max_workers": 2}},
+        )
+        self._run_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._lock_file = None
+        self._next = 0
+        self.running = False
+        self.periodic = False
+        self.current_task = ""
+        self.candidates_done = 0
+        self.candidates_total = 0
+        self.paused = False
+        self.generations = 0
+        self.recent: deque[GenerationReport] = deque(maxlen=50)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    def start(self, periodic: bool = True) -> None:
+        self._lock_file = open(self.config.home / "scheduler.lock", "w")  # noqa: SIM115 - held for life
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise FailedPrecondition(f"another scheduler already evolves the store in {self.config.home}") from None
+        if periodic:
+            interval = self.config.evolve_interval_s
+            self.scheduler.add_job(self._tick, "interval", seconds=interval, id="evolve",
+                                   next_run_time=datetime.now() + timedelta(seconds=interval))
+        self.scheduler.start()
+        self.periodic = periodic
+        log.info("evolution scheduler started: %s, %d candidates of %.0f s per generation",
+                 f"a generation every {self.config.evolve_interval_s:.0f} s" if periodic else "on demand only",
+                 self.config.candidates_per_generation, self.config.candidate_budget_s)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    # ---- work -------------------------------------------------------------------------------
+
+    def _should_pause(self) -> bool:
+        if self._stop.is_set():
+            raise Stopped()
+        busy = self.load_signal() > self.config.pause_queue_depth
+        if busy != self.paused:
+            self.paused = busy
+            metrics.PAUSED.set(1 if busy else 0)
+            log.info("evolution %s: %d images queued for serving", "paused" if busy else "resumed",
+                     self.load_signal())
+        return busy
+
+    def pick_task(self) -> str | None:
+        """Round robin over the tasks that are serving."""
+        tasks = sorted(self.store.current_paths())
+        if not tasks:
+            return None
+        task = tasks[self._next % len(tasks)]
+        self._next += 1
+        return task
+
+    def _tick(self) -> None:
+        task = self.pick_task()
+        if task is not None:
+            self.run(task)
+
+    def run(self, task: str, candidates: int = 0, budget_s: float = 0.0) -> GenerationReport | None:
+        with self._run_lock:
+            if self._stop.is_set():
+                return None
+            self.running, self.current_task = True, task
+            self.candidates_done, self.candidates_total = 0, candidates or self.config.candidates_per_generation
+            try:
+                report = self.evolver.run_generation(task, candidates or None, budget_s or None,
+                                                     progress=self._progress)
+            except Stopped:
+                return None
+            except NotFound as e:
+                log.info("generation for %s skipped: %s", task, e.message)
+                return None
+            except Exception as e:  # noqa: BLE001 - a failed generation must not kill the scheduler
+                log.exception("generation for %s failed", task)
+                report = GenerationReport(task, 0, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), 0, 0.0,
+                                          error=f"{type(e).__name__}: {e}")
+            finally:
+                self.running, self.current_task = False, ""
+                self.paused = False
+                metrics.PAUSED.set(0)
+            self.generations += 1
+            self.recent.append(report)
+            return report
+
+    def _progress(self, done: int, total: int) -> None:
+        self.candidates_done, self.candidates_total = done, total
+
+    async def trigger(self, task: str | None, candidates: int = 0, budget_s: float = 0.0,
+                      wait: bool = False) -> dict:
+        """Queue a generation now (TriggerEvolution); with `wait`, return when it has finished."""
+        if task:
+            self.store.get_task(task)  # NotFound for an unknown task, before anything is queued
+        else:
+            task = self.pick_task()
+            if task is None:
+                raise FailedPrecondition("there is no task to evolve")
+        if candidates < 0 or budget_s < 0:
+            raise FailedPrecondition("candidates and budget must not be negative")
+        if not self.scheduler.running:
+            raise FailedPrecondition("the evolution scheduler is not running")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def job() -> None:
+            try:
+                done.set_result(self.run(task, candidates, budget_s))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                done.set_exception(e)
+
+        self.scheduler.add_job(job, id=f"trigger-{task}-{time.monotonic_ns()}")
+        if wait:
+            await asyncio.wrap_future(done)
+        else:
+            # let the job start, so the status a caller gets back already says "running"
+            for _ in range(20):
+                if self.running:
+                    break
+                await asyncio.sleep(0.05)
+        return self.status()
+
+    def status(self) -> dict:
+        return {
+            "running": self.running, "current_task": self.current_task, "candidates_done": self.candidates_done,
+            "candidates_total": self.candidates_total, "paused_for_load": self.paused,
+            "generations": self.generations, "recent": [r.summary() for r in self.recent],
+            "scheduler_enabled": self.periodic, "interval_seconds": self.config.evolve_interval_s,
+        }

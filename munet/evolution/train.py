@@ -1,0 +1,249 @@
+"""Training on a path: frozen-prefix feature caching, head fitting, evaluation."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from munet.data.images import to_model_input
+from munet.models.vit import Head, HeadConfig
+
+
+@torch.no_grad()
+def run_modules(modules: list[nn.Module], x_u8: np.ndarray, batch: int = 256,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Outputs of a frozen chain of modules for uint8 images, computed once and kept (the cache)."""
+    outs = []
+    for i in range(0, len(x_u8), batch):
+        t = torch.from_numpy(to_model_input(x_u8[i:i + batch]))
+        for m in modules:
+            t = m(t)
+        outs.append(t.to(dtype))
+    if not outs:
+        return torch.zeros(0)
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, feats: torch.Tensor, y: np.ndarray, batch: int = 512) -> float:
+    if len(y) == 0:
+        return 0.0
+    model.eval()
+    correct = 0
+    for i in range(0, len(feats), batch):
+        correct += int((model(feats[i:i + batch].float()).argmax(1).numpy() == y[i:i + batch]).sum())
+    return correct / len(y)
+
+
+def fit_head(
+    tokens: torch.Tensor,
+    y: np.ndarray,
+    num_classes: int,
+    init_norm: nn.LayerNorm | None = None,
+    epochs: int = 30,
+    lr: float = 3e-3,
+    batch: int = 256,
+    seed: int = 0,
+) -> tuple[Head, float]:
+    """A new head (final norm + linear) trained on cached trunk outputs; only the class token is used."""
+    torch.manual_seed(seed)
+    dim = tokens.shape[-1]
+    head = Head(HeadConfig(dim, num_classes))
+    if init_norm is not None:
+        head.norm.load_state_dict(init_norm.state_dict())  # start from the pretrained final norm
+    nn.init.zeros_(head.fc.weight)
+    nn.init.zeros_(head.fc.bias)
+    cls = tokens[:, :1].float().clone()  # the head reads only token 0: keep (N, 1, D)
+    yt = torch.from_numpy(y.astype(np.int64))
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    steps = max(1, epochs * math.ceil(len(yt) / batch))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    head.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(yt), generator=g)
+        for i in range(0, len(yt), batch):
+            idx = perm[i:i + batch]
+            loss = F.cross_entropy(head(cls[idx]), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    head.eval()
+    return head, time.perf_counter() - t0
+
+
+class PrefixCache:
+    """Outputs of a frozen path prefix for a task's examples, computed once and reused.
+
+    Keyed by the prefix's module ids (content hashes: a different prefix is a different key) and the
+    task's examples version (new examples make a new key). Held as float16 to halve memory; an LRU
+    bound keeps the cache from growing without limit.
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        self.max_bytes = max_bytes
+        self._items: dict[tuple, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple, compute) -> torch.Tensor:
+        t = self._items.pop(key, None)
+        if t is None:
+            self.misses += 1
+            t = compute().to(torch.float16)
+        else:
+            self.hits += 1
+        self._items[key] = t  # most recently used last
+        while sum(v.numel() * v.element_size() for v in self._items.values()) > self.max_bytes and len(self._items) > 1:
+            self._items.pop(next(iter(self._items)))
+        return t
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+def augment(x: torch.Tensor, hp: dict, g: torch.Generator) -> torch.Tensor:
+    """Pixel-level augmentation of a (B, 3, H, W) [0, 1] batch, as the hyperparameters ask."""
+    shift = int(hp.get("ds_translate_px", 0))
+    if shift:
+        dx, dy = (int(v) for v in torch.randint(-shift, shift + 1, (2,), generator=g))
+        x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    if hp.get("ds_flip_left_right") and bool(torch.rand(1, generator=g) < 0.5):
+        x = x.flip(3)
+    b = float(hp.get("ds_brightness_delta", 0.0))
+    c = float(hp.get("ds_contrast_delta", 0.0))
+    if b or c:
+        bright = (torch.rand(len(x), 1, 1, 1, generator=g) * 2 - 1) * b
+        contrast = 1 + (torch.rand(len(x), 1, 1, 1, generator=g) * 2 - 1) * c
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = ((x - mean) * contrast + mean + bright).clamp(0, 1)
+    return x
+
+
+def lr_at(step: int, total: int, hp: dict, restarts: int = 3) -> float:
+    """muNet's schedules: cosine with warm-up from lr/100, constant at lr/2, SGDR restarts."""
+    lr = float(hp["opt_lr"])
+    kind = hp.get("opt_lr_schedule", "cosine")
+    if kind == "constant":
+        return 0.5 * lr
+    warm = max(1, int(total * float(hp.get("opt_lr_warmup_ratio", 0.1))))
+    if kind == "cosine" and step < warm:
+        return lr / 100 + (lr - lr / 100) * step / warm
+    if kind == "restarts":
+        cycle = max(1, total // restarts)
+        t = (step % cycle) / cycle
+    else:
+        t = (step - warm) / max(1, total - warm)
+    return 0.5 * lr * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+@dataclass
+class TrainResult:
+    validation_accuracy: float
+    steps: int
+    seconds: float
+    step_seconds: float
+    cached_prefix: int  # modules whose outputs came from the cache
+
+
+def train_candidate(
+    chain: list[nn.Module],
+    trainable: list[nn.Module],
+    inputs_train: torch.Tensor,
+    y_train: np.ndarray,
+    inputs_val: torch.Tensor,
+    y_val: np.ndarray,
+    hp: dict,
+    batch_size: int,
+    max_steps: int,
+    budget_s: float,
+    raw_images: bool,
+    seed: int = 0,
+    should_pause=None,
+    evals: int = 3,
+) -> TrainResult:
+    """SGD on the trainable modules of `chain` (muNet: momentum SGD, global-norm clipping at 1.0).
+
+    `inputs_*` are raw (N, 3, 32, 32) images when `raw_images`, else cached prefix outputs. Every
+    module not in `trainable` is frozen. The weights of the best validation evaluation are kept.
+    """
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    train_ids = {id(m) for m in trainable}
+    for m in chain:
+        is_t = id(m) in train_ids
+        m.train(is_t)
+        for p in m.parameters():
+            p.requires_grad_(is_t)
+    params = [p for m in trainable for p in m.parameters()]
+    momentum = float(hp.get("opt_momentum", 0.9))
+    opt = torch.optim.SGD(params, lr=float(hp["opt_lr"]), momentum=momentum, nesterov=momentum > 0)
+    model = nn.Sequential(*chain)
+    yt = torch.from_numpy(y_train.astype(np.int64))
+    n = len(yt)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return model(x.float())
+
+    def evaluate() -> float:
+        for m in trainable:
+            m.eval()
+        acc = accuracy(model, inputs_val, y_val)
+        for m in trainable:
+            m.train()
+        return acc
+
+    best_acc, best_state = -1.0, None
+    t0 = time.perf_counter()
+    total = max_steps
+    step = 0
+    eval_every = max(1, total // max(1, evals))
+    paused = 0.0
+    while step < total:
+        if should_pause is not None and step % 10 == 0:
+            p0 = time.perf_counter()
+            while should_pause():
+                time.sleep(0.2)
+            paused += time.perf_counter() - p0
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
+        xb = inputs_train[idx].float()
+        if raw_images:
+            xb = augment(xb, hp, g)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, hp)
+        loss = F.cross_entropy(forward(xb), yt[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step == 5:
+            # the time budget caps the step count once the cost of a step is known
+            per_step = (time.perf_counter() - t0 - paused) / 5
+            total = max(step, min(max_steps, int(budget_s / max(per_step, 1e-4))))
+            eval_every = max(1, total // max(1, evals))
+        if step % eval_every == 0 or step == total:
+            acc = evaluate()
+            if acc > best_acc:
+                best_acc = acc
+                best_state = [copy.deepcopy(m.state_dict()) for m in trainable]
+    if best_state is None:
+        best_acc = evaluate()
+    else:
+        for m, sd in zip(trainable, best_state, strict=True):
+            m.load_state_dict(sd)
+    for m in chain:
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+    secs = time.perf_counter() - t0 - paused
+    return TrainResult(best_acc, step, secs, secs / max(1, step), 0)

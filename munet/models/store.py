@@ -1,0 +1,473 @@
+"""The embedded store: SQLite (WAL) for tasks, examples and path versions; module files by content.
+
+Layout under the data root, readable with `ls`:
+
+    munet.db                         tasks, example batches, modules, path versions, current pointers
+    modules/<id>/module.json         kind, config, parameter count (immutable once written)
+    modules/<id>/weights.safetensors
+    modules/<id>/model.onnx          exported lazily, also immutable
+    tasks/<name>/examples/<batch>.npz  labelled images as uploaded, one file per batch
+
+A module id is the content hash of its kind, config and weights, so equal modules are stored once
+and a path version (an ordered list of ids) pins its function exactly. Every file is written to a
+temporary name, fsynced and renamed, so a crash never leaves a half-written file under a real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from munet.errors import AlreadyExists, InvalidArgument, NotFound
+from munet.models.vit import build_module, count_params, module_config
+
+TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    name TEXT PRIMARY KEY,
+    labels TEXT NOT NULL,
+    source TEXT NOT NULL,
+    status TEXT NOT NULL,
+    current_version INTEGER,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS example_batches (
+    id TEXT NOT NULL,
+    task TEXT NOT NULL REFERENCES tasks(name) ON DELETE CASCADE,
+    file TEXT NOT NULL,
+    n_train INTEGER NOT NULL,
+    n_validation INTEGER NOT NULL,
+    n_test INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (task, id)
+);
+CREATE TABLE IF NOT EXISTS modules (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    config TEXT NOT NULL,
+    params INTEGER NOT NULL,
+    parent TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS path_versions (
+    task TEXT NOT NULL REFERENCES tasks(name) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    modules TEXT NOT NULL,
+    hparams TEXT NOT NULL,
+    lineage TEXT NOT NULL,
+    validation_accuracy REAL,
+    test_accuracy REAL,
+    score REAL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (task, version)
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class ModuleRecord:
+    id: str
+    kind: str
+    config: dict
+    params: int
+    parent: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    name: str
+    labels: list[str]
+    source: dict
+    status: str
+    current_version: int | None
+    created_at: str
+
+
+@dataclass
+class PathRecord:
+    task: str
+    version: int
+    modules: list[str]
+    hparams: dict = field(default_factory=dict)
+    # parents, parent_task, mutations, added_params, training_seconds, ...
+    lineage: dict = field(default_factory=dict)
+    validation_accuracy: float | None = None
+    test_accuracy: float | None = None
+    score: float | None = None
+    status: str = "candidate"
+    created_at: str = ""
+
+
+def content_id(kind: str, config: dict, module: nn.Module) -> str:
+    h = hashlib.sha256()
+    h.update(kind.encode())
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    def __init__(self, home: Path | str):
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "modules").mkdir(exist_ok=True)
+        (self.home / "tasks").mkdir(exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.home / "munet.db", check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a call that returned has its rows on disk, even across power loss
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # ---- meta -------------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key=?", (key,))
+        return rows[0]["value"] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # ---- modules ----------------------------------------------------------------------------
+
+    def module_dir(self, module_id: str) -> Path:
+        return self.home / "modules" / module_id
+
+    def put_module(self, module: nn.Module, parent: str | None = None) -> str:
+        kind, config = module.kind, module_config(module)
+        mid = content_id(kind, config, module)
+        if self.has_module(mid):
+            return mid
+        d = self.module_dir(mid)
+        d.mkdir(parents=True, exist_ok=True)
+        buf = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        tmp = d / f".weights.{uuid.uuid4().hex}.tmp"
+        save_file(buf, str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, d / "weights.safetensors")
+        params = count_params(module)
+        meta = {"id": mid, "kind": kind, "config": config, "params": params, "parent": parent}
+        atomic_write(d / "module.json", json.dumps(meta, indent=1).encode())
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO modules(id, kind, config, params, parent, created_at) VALUES (?,?,?,?,?,?)",
+                (mid, kind, json.dumps(config), params, parent, now()),
+            )
+        return mid
+
+    def has_module(self, module_id: str) -> bool:
+        rows = self._query("SELECT 1 FROM modules WHERE id=?", (module_id,))
+        return bool(rows) and (self.module_dir(module_id) / "weights.safetensors").exists()
+
+    def module_record(self, module_id: str) -> ModuleRecord:
+        rows = self._query("SELECT * FROM modules WHERE id=?", (module_id,))
+        if not rows:
+            raise NotFound(f"module {module_id} is not in the store")
+        r = rows[0]
+        return ModuleRecord(r["id"], r["kind"], json.loads(r["config"]), r["params"], r["parent"])
+
+    def load_module(self, module_id: str) -> nn.Module:
+        rec = self.module_record(module_id)
+        module = build_module(rec.kind, rec.config)
+        module.load_state_dict(load_file(str(self.module_dir(module_id) / "weights.safetensors")))
+        return module.eval()
+
+    def onnx_path(self, module_id: str) -> Path:
+        return self.module_dir(module_id) / "model.onnx"
+
+    def put_onnx(self, module_id: str, data: bytes) -> Path:
+        path = self.onnx_path(module_id)
+        atomic_write(path, data)
+        return path
+
+    # ---- tasks ------------------------------------------------------------------------------
+
+    def create_task(self, name: str, labels: list[str], source: dict) -> TaskRecord:
+        if not TASK_NAME.match(name or ""):
+            raise InvalidArgument(
+                f"task name {name!r} is invalid: use 1-63 lowercase letters, digits, '_' or '-', "
+                "starting with a letter or digit"
+            )
+        created = now()
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM tasks WHERE name=?", (name,)).fetchone():
+                raise AlreadyExists(f"task {name!r} already exists")
+            db.execute(
+                "INSERT INTO tasks(name, labels, source, status, current_version, created_at)"
+                " VALUES (?,?,?,?,NULL,?)",
+                (name, json.dumps(labels), json.dumps(source), "creating", created),
+            )
+        return TaskRecord(name, labels, source, "creating", None, created)
+
+    def set_task_status(self, name: str, status: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE tasks SET status=? WHERE name=?", (status, name))
+
+    def get_task(self, name: str) -> TaskRecord:
+        rows = self._query("SELECT * FROM tasks WHERE name=?", (name,))
+        if not rows:
+            raise NotFound(f"task {name!r} does not exist")
+        return _task(rows[0])
+
+    def list_tasks(self) -> list[TaskRecord]:
+        return [_task(r) for r in self._query("SELECT * FROM tasks ORDER BY created_at, name")]
+
+    def delete_task(self, name: str) -> None:
+        self.get_task(name)
+        with self._tx() as db:
+            db.execute("DELETE FROM tasks WHERE name=?", (name,))
+        # rows first, files second: a crash in between leaves orphan files, never dangling rows
+        shutil.rmtree(self.home / "tasks" / name, ignore_errors=True)
+
+    # ---- examples ---------------------------------------------------------------------------
+
+    def add_examples(self, task: str, x: np.ndarray, y: np.ndarray, split: np.ndarray) -> dict[str, int]:
+        """Persist one batch of labelled images (uint8 (N,32,32,3)); returns counts per split."""
+        if not (len(x) == len(y) == len(split)):
+            raise InvalidArgument("images, labels and splits differ in length")
+        buf = io.BytesIO()
+        np.savez(buf, x=x.astype(np.uint8), y=y.astype(np.int64), split=split.astype(np.int8))
+        data = buf.getvalue()
+        batch = f"{int(time.time() * 1000):013d}-{hashlib.sha256(data).hexdigest()[:12]}"
+        rel = Path("tasks") / task / "examples" / f"{batch}.npz"
+        atomic_write(self.home / rel, data)
+        counts = {"train": int((split == 0).sum()), "validation": int((split == 1).sum()),
+                  "test": int((split == 2).sum())}
+        with self._tx() as db:
+            if not db.execute("SELECT 1 FROM tasks WHERE name=?", (task,)).fetchone():
+                raise NotFound(f"task {task!r} does not exist")
+            db.execute(
+                "INSERT INTO example_batches(id, task, file, n_train, n_validation, n_test, created_at)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (batch, task, str(rel), counts["train"], counts["validation"], counts["test"], now()),
+            )
+        return counts
+
+    def example_counts(self, task: str) -> dict[str, int]:
+        rows = self._query(
+            "SELECT COALESCE(SUM(n_train),0) t, COALESCE(SUM(n_validation),0) v, COALESCE(SUM(n_test),0) s"
+            " FROM example_batches WHERE task=?", (task,))
+        return {"train": rows[0]["t"], "validation": rows[0]["v"], "test": rows[0]["s"]}
+
+    def examples_version(self, task: str) -> str:
+        """Changes whenever examples are added: scores are only comparable within one value."""
+        rows = self._query("SELECT COUNT(*) n, COALESCE(MAX(id),'') m FROM example_batches WHERE task=?",
+                           (task,))
+        return f"{rows[0]['n']}:{rows[0]['m']}"
+
+    def load_examples(self, task: str, split: int) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for r in self._query("SELECT file FROM example_batches WHERE task=? ORDER BY id", (task,)):
+            with np.load(self.home / r["file"]) as z:
+                keep = z["split"] == split
+                xs.append(z["x"][keep])
+                ys.append(z["y"][keep])
+        if not xs:
+            return np.zeros((0, 32, 32, 3), np.uint8), np.zeros((0,), np.int64)
+        return np.concatenate(xs), np.concatenate(ys)
+
+    # ---- path versions ----------------------------------------------------------------------
+
+    def add_path_version(self, rec: PathRecord) -> PathRecord:
+        for mid in rec.modules:
+            if not self.has_module(mid):
+                raise NotFound(f"module {mid} of the new path is not in the store")
+        with self._tx() as db:
+            row = db.execute("SELECT COALESCE(MAX(version), 0) v FROM path_versions WHERE task=?",
+                             (rec.task,)).fetchone()
+            rec.version = row["v"] + 1
+            rec.created_at = now()
+            db.execute(
+                "INSERT INTO path_versions(task, version, modules, hparams, lineage, validation_accuracy,"
+                " test_accuracy, score, status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (rec.task, rec.version, json.dumps(rec.modules), json.dumps(rec.hparams),
+                 json.dumps(rec.lineage), rec.validation_accuracy, rec.test_accuracy, rec.score,
+                 rec.status, rec.created_at),
+            )
+        return rec
+
+    def update_path(self, task: str, version: int, **values) -> None:
+        """Update scores (validation_accuracy, test_accuracy, score) and/or the lineage of a version."""
+        allowed = {"validation_accuracy", "test_accuracy", "score", "lineage"}
+        sets = {k: (json.dumps(v) if k == "lineage" else v) for k, v in values.items() if k in allowed}
+        if not sets:
+            return
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE path_versions SET {', '.join(f'{k}=?' for k in sets)} WHERE task=? AND version=?",
+                (*sets.values(), task, version),
+            )
+
+    def set_path_status(self, task: str, version: int, status: str, note: str | None = None) -> None:
+        with self._tx() as db:
+            if note is not None:
+                row = db.execute("SELECT lineage FROM path_versions WHERE task=? AND version=?",
+                                 (task, version)).fetchone()
+                lineage = json.loads(row["lineage"]) if row else {}
+                lineage["note"] = note
+                db.execute("UPDATE path_versions SET status=?, lineage=? WHERE task=? AND version=?",
+                           (status, json.dumps(lineage), task, version))
+            else:
+                db.execute("UPDATE path_versions SET status=? WHERE task=? AND version=?",
+                           (status, task, version))
+
+    def set_current(self, task: str, version: int) -> None:
+        """Flip the task's pointer in one transaction: the old current becomes 'retired'."""
+        with self._tx() as db:
+            row = db.execute("SELECT current_version FROM tasks WHERE name=?", (task,)).fetchone()
+            if row is None:
+                raise NotFound(f"task {task!r} does not exist")
+            if not db.execute("SELECT 1 FROM path_versions WHERE task=? AND version=?",
+                              (task, version)).fetchone():
+                raise NotFound(f"task {task!r} has no version {version}")
+            if row["current_version"] is not None and row["current_version"] != version:
+                db.execute("UPDATE path_versions SET status='retired' WHERE task=? AND version=?",
+                           (task, row["current_version"]))
+            db.execute("UPDATE path_versions SET status='current' WHERE task=? AND version=?", (task, version))
+            db.execute("UPDATE tasks SET current_version=?, status='serving' WHERE name=?", (version, task))
+
+    def get_path(self, task: str, version: int | None = None) -> PathRecord:
+        if version is None:
+            version = self.get_task(task).current_version
+            if version is None:
+                raise NotFound(f"task {task!r} has no path yet")
+        rows = self._query("SELECT * FROM path_versions WHERE task=? AND version=?", (task, version))
+        if not rows:
+            raise NotFound(f"task {task!r} has no version {version}")
+        return _path(rows[0])
+
+    def list_versions(self, task: str) -> list[PathRecord]:
+        self.get_task(task)
+        return [_path(r) for r in self._query(
+            "SELECT * FROM path_versions WHERE task=? ORDER BY version", (task,))]
+
+    def current_paths(self) -> dict[str, PathRecord]:
+        rows = self._query(
+            "SELECT p.* FROM path_versions p JOIN tasks t ON t.name=p.task AND t.current_version=p.version")
+        return {r["task"]: _path(r) for r in rows}
+
+    def module_users(self) -> dict[str, set[str]]:
+        """Module id -> tasks whose current path uses it."""
+        users: dict[str, set[str]] = {}
+        for task, rec in self.current_paths().items():
+            for mid in rec.modules:
+                users.setdefault(mid, set()).add(task)
+        return users
+
+    def referenced_modules(self) -> set[str]:
+        out: set[str] = set()
+        for r in self._query("SELECT modules FROM path_versions"):
+            out.update(json.loads(r["modules"]))
+        return out
+
+    def prune_versions(self, task: str, keep: int) -> list[int]:
+        """Forget the oldest retired versions beyond `keep`; the current one always stays."""
+        versions = self.list_versions(task)
+        retired = [v for v in versions if v.status in ("retired", "failed", "candidate")]
+        drop = [v.version for v in retired[: max(0, len(versions) - keep)]]
+        if drop:
+            with self._tx() as db:
+                db.executemany("DELETE FROM path_versions WHERE task=? AND version=?",
+                               [(task, v) for v in drop])
+        return drop
+
+    def garbage_collect(self, protected: set[str], min_age_s: float = 600.0) -> list[str]:
+        """Remove modules no stored path version uses (and not protected, e.g. the root's).
+
+        Young modules are spared: a registration or promotion stores its modules before the version
+        row that references them.
+        """
+        keep = self.referenced_modules() | protected
+        cutoff = datetime.fromtimestamp(time.time() - min_age_s, UTC).isoformat(timespec="seconds")
+        gone = [r["id"] for r in self._query("SELECT id, created_at FROM modules")
+                if r["id"] not in keep and r["created_at"] <= cutoff]
+        if gone:
+            with self._tx() as db:
+                db.executemany("DELETE FROM modules WHERE id=?", [(m,) for m in gone])
+            for m in gone:
+                shutil.rmtree(self.module_dir(m), ignore_errors=True)
+        return gone
+
+
+def _task(r: sqlite3.Row) -> TaskRecord:
+    return TaskRecord(r["name"], json.loads(r["labels"]), json.loads(r["source"]), r["status"],
+                      r["current_version"], r["created_at"])
+
+
+def _path(r: sqlite3.Row) -> PathRecord:
+    return PathRecord(
+        task=r["task"], version=r["version"], modules=json.loads(r["modules"]),
+        hparams=json.loads(r["hparams"]), lineage=json.loads(r["lineage"]),
+        validation_accuracy=r["validation_accuracy"], test_accuracy=r["test_accuracy"],
+        score=r["score"], status=r["status"], created_at=r["created_at"],
+    )

@@ -1,0 +1,471 @@
+"""The serving core: every task operation, once. Transports (gRPC, HTTP) only translate wire types.
+
+The core owns the store, the runtime and the batcher. How a new task gets its first path, and how
+paths improve, is evolution's business: the composition root (`munet.app`) hands the core a
+`PathMaker`, so this package never imports evolution; the two meet through the store.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from munet import metrics
+from munet.config import Config
+from munet.data import images as imglib
+from munet.data.splits import TEST, TRAIN, VALIDATION, split_indices, split_new_examples
+from munet.errors import FailedPrecondition, InvalidArgument, MunetError, NotFound
+from munet.models.export import parity_error
+from munet.models.store import PathRecord, Store, TaskRecord
+from munet.service.batching import MicroBatcher
+from munet.service.runtime import Runtime, ServedPath
+
+log = logging.getLogger(__name__)
+
+UNSPECIFIED = -1  # an example whose split the server assigns
+
+
+@dataclass
+class ImageInput:
+    encoded: bytes | None = None
+    raw: bytes | None = None
+    height: int = 0
+    width: int = 0
+    channels: int = 0
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    labels: list[str] = field(default_factory=list)
+    builtin: str | None = None
+    npz_file: str | None = None
+    max_examples: int = 0
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class Examples:
+    """Labelled images in the model's format; split codes TRAIN/VALIDATION/TEST or UNSPECIFIED."""
+
+    x: np.ndarray  # (N, 32, 32, 3) uint8
+    y: np.ndarray  # (N,) int64
+    split: np.ndarray  # (N,) int8
+
+    @classmethod
+    def empty(cls) -> Examples:
+        return cls(np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int8))
+
+    @classmethod
+    def concat(cls, parts: list[Examples]) -> Examples:
+        if not parts:
+            return cls.empty()
+        return cls(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),
+                   np.concatenate([p.split for p in parts]))
+
+
+@dataclass
+class Prediction:
+    top: list[tuple[str, int, float]]  # (label, index, probability), best first
+
+
+class PathMaker(Protocol):
+    """Makes and stores a new task's first path version (evolution implements it)."""
+
+    def initial_path(self, task: TaskRecord) -> PathRecord: ...
+
+
+class Core:
+    def __init__(self, config: Config, store: Store, path_maker: PathMaker | None = None):
+        self.config = config
+        self.store = store
+        self.path_maker = path_maker
+        self.runtime = Runtime(store, config.providers, config.intra_op_threads)
+        self.batcher = MicroBatcher(config.max_batch_size, config.max_delay_ms, on_batch=self._on_batch)
+        self._registering: set[str] = set()
+        self._lock = threading.Lock()
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    def restore(self) -> list[str]:
+        """Load every task's current version, as stored; drop tasks a crash left half-registered."""
+        served = []
+        for t in self.store.list_tasks():
+            if t.current_version is None:
+                log.warning("task %s was never finished registering (status %s); removing it", t.name, t.status)
+                self.store.delete_task(t.name)
+                continue
+            rec = self.store.get_path(t.name, t.current_version)
+            self._serve(self.runtime.prepare(rec, t.labels), check_parity=False)
+            served.append(t.name)
+        log.info("restored %d tasks: %s", len(served), ", ".join(served) or "-")
+        return served
+
+    def sync_from_store(self) -> None:
+        """Follow pointers another process flipped (secondary HTTP workers): load new versions, drop gone tasks."""
+        current = self.store.current_paths()
+        for task, rec in current.items():
+            live = self.runtime.get(task)
+            if live is None or live.version != rec.version:
+                self.runtime.swap(self.runtime.prepare(rec, self.store.get_task(task).labels))
+        for task in set(self.runtime.tasks()) - set(current):
+            self.runtime.remove(task)
+
+    def _on_batch(self, images: int, tasks: int) -> None:
+        metrics.BATCH_SIZE.observe(images)
+        metrics.BATCH_TASKS.observe(tasks)
+
+    # ---- predict ----------------------------------------------------------------------------
+
+    def decode(self, inputs: list[ImageInput]) -> np.ndarray:
+        if not inputs:
+            raise InvalidArgument("the request has no images")
+        if len(inputs) > self.config.max_request_images:
+            raise InvalidArgument(f"{len(inputs)} images in one request; the limit is "
+                                  f"{self.config.max_request_images}")
+        out = np.empty((len(inputs), 32, 32, 3), np.uint8)
+        for i, im in enumerate(inputs):
+            try:
+                if im.encoded is not None:
+                    out[i] = imglib.decode_image(im.encoded)
+                elif im.raw is not None:
+                    out[i] = imglib.from_raw(im.raw, im.height, im.width, im.channels)
+                else:
+                    raise imglib.InvalidImage("it carries neither encoded bytes nor raw pixels")
+            except imglib.InvalidImage as e:
+                raise InvalidArgument(f"image {i}: {e}") from None
+        return out
+
+    def served(self, task: str) -> ServedPath:
+        p = self.runtime.get(task)
+        if p is None:
+            if task in self._registering:
+                raise FailedPrecondition(f"task {task!r} is still being registered")
+            raise NotFound(f"task {task!r} does not exist")
+        return p
+
+    async def predict(self, task: str, inputs: list[ImageInput], top_k: int = 1
+                      ) -> tuple[ServedPath, list[Prediction]]:
+        # the path is pinned here: a swap while this request waits does not change its answer
+        path = self.served(task)
+        x = imglib.to_model_input(self.decode(inputs))
+        metrics.QUEUE_DEPTH.set(self.batcher.queue_depth + len(x))
+        try:
+            logits = await self.batcher.submit(path, x)
+        finally:
+            metrics.QUEUE_DEPTH.set(self.batcher.queue_depth)
+        metrics.IMAGES.labels(task, str(path.version)).inc(len(x))
+        return path, top_k_predictions(logits, path.labels, top_k)
+
+    def predict_sync(self, task: str, x_u8: np.ndarray) -> tuple[ServedPath, np.ndarray]:
+        """Logits for already-converted images, bypassing the batcher (tools and tests)."""
+        path = self.served(task)
+        return path, path.run(imglib.to_model_input(x_u8))
+
+    # ---- tasks ------------------------------------------------------------------------------
+
+    def register_task(self, spec: TaskSpec, uploaded: Iterable[Examples] = ()) -> TaskRecord:
+        """Create a task, store its examples, train and serve its first path. Blocking (seconds)."""
+        t0 = time.perf_counter()
+        try:
+            rec = self._register(spec, uploaded)
+        except MunetError as e:
+            metrics.REGISTRATIONS.labels(e.code).inc()
+            raise
+        except Exception:
+            metrics.REGISTRATIONS.labels("INTERNAL").inc()
+            raise
+        metrics.REGISTRATIONS.labels("OK").inc()
+        log.info("registered task %s in %.1f s", spec.name, time.perf_counter() - t0)
+        return rec
+
+    def _register(self, spec: TaskSpec, uploaded: Iterable[Examples]) -> TaskRecord:
+        if self.path_maker is None:
+            raise FailedPrecondition("this server cannot train new tasks (no path maker configured)")
+        for frac, what in ((spec.validation_fraction, "validation"), (spec.test_fraction, "test")):
+            if not 0.0 <= frac < 0.5:
+                raise InvalidArgument(f"{what}_fraction must be in [0, 0.5), got {frac}")
+        if spec.builtin and spec.npz_file:
+            raise InvalidArgument("give either a built-in data set or an .npz file, not both")
+        sources = [s for s in (spec.builtin, spec.npz_file) if s]
+        data, labels = self._load_source(spec, uploaded)
+        if len(data.y) == 0:
+            raise InvalidArgument("the task has no examples: name a built-in data set or an .npz file, "
+                                  "or stream labelled images after the spec")
+        if not labels:
+            raise InvalidArgument("the task has no label names")
+        if len(set(labels)) != len(labels) or any(not s for s in labels):
+            raise InvalidArgument("label names must be non-empty and distinct")
+        bad = (data.y < 0) | (data.y >= len(labels))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InvalidArgument(f"example {i} has label {int(data.y[i])}, outside 0..{len(labels) - 1}")
+        if spec.max_examples and len(data.y) > spec.max_examples:
+            keep = np.sort(np.random.default_rng(spec.seed).permutation(len(data.y))[: spec.max_examples])
+            data = Examples(data.x[keep], data.y[keep], data.split[keep])
+        if len(data.y) > self.config.max_examples_per_task:
+            raise InvalidArgument(f"{len(data.y)} examples; this server takes at most "
+                                  f"{self.config.max_examples_per_task} per task (set max_examples)")
+        unspecified = data.split == UNSPECIFIED
+        if unspecified.any():
+            codes = split_indices(data.y[unspecified], spec.seed, spec.validation_fraction, spec.test_fraction)
+            data.split[unspecified] = codes
+        if not (data.split == TRAIN).any() or not (data.split == VALIDATION).any():
+            raise InvalidArgument("the task needs training and validation examples; add more examples")
+
+        with self._lock:
+            if spec.name in self._registering:
+                raise InvalidArgument(f"task {spec.name!r} is being registered by another call")
+            self._registering.add(spec.name)
+        try:
+            source = {"kind": "builtin" if spec.builtin else "npz" if spec.npz_file else "upload",
+                      "name": sources[0] if sources else None, "seed": spec.seed}
+            self.store.create_task(spec.name, labels, source)
+            try:
+                self.store.add_examples(spec.name, data.x, data.y, data.split)
+                path = self.path_maker.initial_path(self.store.get_task(spec.name))
+                served = self.runtime.prepare(path, labels)
+                self._serve(served, check_parity=True)
+            except BaseException:
+                # a failed registration leaves nothing behind: the name can be used again
+                self.runtime.remove(spec.name)
+                self.store.delete_task(spec.name)
+                raise
+        finally:
+            with self._lock:
+                self._registering.discard(spec.name)
+        return self.store.get_task(spec.name)
+
+    def _load_source(self, spec: TaskSpec, uploaded: Iterable[Examples]) -> tuple[Examples, list[str]]:
+        labels = list(spec.labels)
+        parts = list(uploaded)
+        if spec.builtin:
+            from munet.data.builtin import load_builtin
+
+            try:
+                ds = load_builtin(spec.builtin, max_examples=spec.max_examples or None, seed=spec.seed)
+            except ValueError as e:
+                raise InvalidArgument(str(e)) from None
+            split = ds.split.astype(np.int8) if ds.split is not None else np.full(len(ds.y), UNSPECIFIED, np.int8)
+            parts.insert(0, Examples(ds.x, ds.y.astype(np.int64), split))
+            if labels and len(labels) != len(ds.labels):
+                raise InvalidArgument(f"{spec.builtin} has {len(ds.labels)} classes, {len(labels)} labels given")
+            labels = labels or list(ds.labels)
+        elif spec.npz_file:
+            ex, names = self.read_npz(self._import_path(spec.npz_file).read_bytes(), spec.npz_file)
+            parts.insert(0, ex)
+            labels = labels or names
+        elif not labels and parts:
+            raise InvalidArgument("uploaded examples need label names in the spec")
+        return Examples.concat(parts), labels
+
+    def _import_path(self, name: str) -> Path:
+        base = self.config.imports.resolve()
+        path = (base / name).resolve()
+        # the client names a file, never a path: nothing outside the import directory is readable
+        if base not in path.parents or not name.endswith(".npz"):
+            raise InvalidArgument(f"npz_file {name!r} must name an .npz file inside the import directory")
+        if not path.is_file():
+            raise NotFound(f"no file {name!r} in the import directory {base}")
+        return path
+
+    @staticmethod
+    def read_npz(data: bytes, what: str = "upload") -> tuple[Examples, list[str]]:
+        """An .npz with `x` (N,H,W[,C]) images, `y` (N,) labels, optional `label_names` and `split`."""
+        try:
+            z = np.load(io.BytesIO(data), allow_pickle=False)
+            files = set(z.files)
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+            raise InvalidArgument(f"{what} is not a readable .npz file: {e}") from None
+        if not {"x", "y"} <= files:
+            raise InvalidArgument(f"{what} must hold arrays 'x' (images) and 'y' (labels); it has {sorted(files)}")
+        x, y = z["x"], z["y"]
+        if x.ndim not in (3, 4) or len(x) != len(y) or y.ndim != 1:
+            raise InvalidArgument(f"{what}: x must be (N,H,W) or (N,H,W,C) and y (N,); got {x.shape} and {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise InvalidArgument(f"{what}: labels y must be integers, got {y.dtype}")
+        try:
+            xs = np.stack([imglib.to_rgb32(im) for im in x]) if len(x) else Examples.empty().x
+        except imglib.InvalidImage as e:
+            raise InvalidArgument(f"{what}: {e}") from None
+        split = np.full(len(y), UNSPECIFIED, np.int8)
+        if "split" in files:
+            s = z["split"]
+            if s.shape != y.shape or not np.isin(s, [0, 1, 2]).all():
+                raise InvalidArgument(f"{what}: split must be (N,) of 0 (train), 1 (validation), 2 (test)")
+            split = s.astype(np.int8)
+        names = [str(n) for n in z["label_names"]] if "label_names" in files else []
+        return Examples(xs, y.astype(np.int64), split), names
+
+    def add_examples(self, task: str, examples: Examples) -> dict[str, int]:
+        """Store labelled examples durably; unsplit ones go to train or validation by a seeded hash."""
+        t = self.store.get_task(task)
+        if len(examples.y) == 0:
+            raise InvalidArgument("no examples given")
+        bad = (examples.y < 0) | (examples.y >= len(t.labels))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InvalidArgument(f"example {i} has label {int(examples.y[i])}, outside 0..{len(t.labels) - 1}")
+        unspecified = examples.split == UNSPECIFIED
+        if unspecified.any():
+            examples.split[unspecified] = split_new_examples(
+                examples.x[unspecified], int(t.source.get("seed", 0)), 0.2)
+        counts = self.store.add_examples(task, examples.x, examples.y, examples.split)
+        metrics.EXAMPLES_ADDED.labels(task).inc(len(examples.y))
+        return counts
+
+    def delete_task(self, task: str) -> None:
+        self.store.get_task(task)
+        self.runtime.remove(task)
+        self.store.delete_task(task)
+        metrics.PATH_VERSION.remove(task) if _has_label(metrics.PATH_VERSION, task) else None
+        self.store.garbage_collect(protected=self.protected_modules())
+        self._update_session_metrics()
+
+    def protected_modules(self) -> set[str]:
+        import json
+
+        return set(json.loads(self.store.get_meta("root_modules") or "[]"))
+
+    # ---- serving graph ----------------------------------------------------------------------
+
+    def check_parity(self, served: ServedPath, n: int = 4) -> float:
+        x = np.random.default_rng(1).random((n, 3, 32, 32), dtype=np.float32)
+        err = parity_error(self.store, list(served.module_ids), x, served.run)
+        if not err <= self.config.parity_atol:
+            raise FailedPrecondition(f"ONNX output differs from torch by {err:.2e} "
+                                     f"(> {self.config.parity_atol}) for {served.task} v{served.version}")
+        return err
+
+    def _serve(self, served: ServedPath, check_parity: bool) -> None:
+        if check_parity:
+            self.check_parity(served)
+        self.store.set_current(served.task, served.version)
+        self.runtime.swap(served)
+        metrics.PATH_VERSION.labels(served.task).set(served.version)
+        for i, m in enumerate(served.module_ids):
+            metrics.PATH_MODULE.labels(served.task, str(served.version), str(i), m).set(1)
+        self._update_session_metrics()
+
+    def activate(self, rec: PathRecord) -> ServedPath:
+        """Export, parity-check, load and warm a stored version, then swap it in (promotion, rollback)."""
+        t = self.store.get_task(rec.task)
+        served = self.runtime.prepare(rec, t.labels)
+        self._serve(served, check_parity=True)
+        self.runtime.pool.release(self.runtime.live_modules())
+        self._update_session_metrics()
+        return served
+
+    def _update_session_metrics(self) -> None:
+        loaded = self.runtime.pool.loaded()
+        metrics.SESSIONS.set(len(loaded))
+        for m in loaded:
+            try:
+                rec = self.store.module_record(m)
+            except NotFound:
+                continue
+            metrics.MODULE_INFO.labels(m, rec.kind, self.runtime.pool.provider_of(m)).set(1)
+
+    # ---- views ------------------------------------------------------------------------------
+
+    def task_view(self, name: str) -> dict:
+        t = self.store.get_task(name)
+        counts = self.store.example_counts(name)
+        path = self.store.get_path(name) if t.current_version is not None else None
+        lineage = []
+        if path is not None:
+            by_version = {v.version: v for v in self.store.list_versions(name)}
+            seen, cur = set(), path
+            while cur is not None and cur.version not in seen:
+                seen.add(cur.version)
+                lineage.append(self.path_view(cur))
+                parents = [p for p in cur.lineage.get("parents", []) if cur.lineage.get("parent_task") == name]
+                cur = by_version.get(parents[0]) if parents else None
+            lineage.reverse()
+        return {
+            "name": t.name, "labels": t.labels, "status": t.status, "current_version": t.current_version or 0,
+            "path": self.path_view(path) if path else None, "train_examples": counts["train"],
+            "validation_examples": counts["validation"], "test_examples": counts["test"],
+            "source": t.source.get("name") or t.source.get("kind", ""), "created_at": t.created_at,
+            "lineage": lineage,
+        }
+
+    def path_view(self, rec: PathRecord) -> dict:
+        users = self.store.module_users()
+        protected = self.protected_modules()
+        modules, total, accounted = [], 0, 0.0
+        for m in rec.modules:
+            r = self.store.module_record(m)
+            n_users = len(users.get(m, set()) | ({rec.task} if rec.status == "current" else set()))
+            shared = max(1, n_users)
+            total += r.params
+            accounted += r.params / shared
+            modules.append({"id": m, "kind": r.kind, "params": r.params, "shared_by": n_users,
+                            "frozen": m in protected or n_users > 0})
+        lin = rec.lineage
+        return {
+            "version": rec.version, "modules": modules, "validation_accuracy": rec.validation_accuracy or 0.0,
+            "test_accuracy": rec.test_accuracy or 0.0, "score": rec.score or 0.0, "params": total,
+            "accounted_params": int(round(accounted)), "added_params": int(lin.get("added_params", 0)),
+            "parents": [int(p) for p in lin.get("parents", [])], "parent_task": lin.get("parent_task", ""),
+            "mutations": list(lin.get("mutations", [])), "hyperparameters": rec.hparams,
+            "training_seconds": float(lin.get("training_seconds", 0.0)), "created_at": rec.created_at,
+            "status": rec.status,
+        }
+
+    def list_versions(self, task: str) -> tuple[int, list[dict]]:
+        t = self.store.get_task(task)
+        return t.current_version or 0, [self.path_view(v) for v in self.store.list_versions(task)]
+
+    def rollback(self, task: str, version: int = 0) -> dict:
+        """Serve an earlier stored version again (0: the newest one older than the current)."""
+        t = self.store.get_task(task)
+        versions = [v for v in self.store.list_versions(task) if v.status != "failed"]
+        if version == 0:
+            older = [v for v in versions if v.version < (t.current_version or 0)]
+            if not older:
+                raise FailedPrecondition(f"task {task!r} has no version older than {t.current_version}")
+            rec = older[-1]
+        else:
+            match = [v for v in versions if v.version == version]
+            if not match:
+                raise NotFound(f"task {task!r} has no servable version {version}")
+            rec = match[0]
+        if rec.version != t.current_version:
+            self.activate(rec)
+            log.info("task %s rolled back from v%s to v%d", task, t.current_version, rec.version)
+        return self.task_view(task)
+
+    def list_task_views(self) -> list[dict]:
+        return [self.task_view(t.name) for t in self.store.list_tasks() if t.current_version is not None]
+
+
+def top_k_predictions(logits: np.ndarray, labels: tuple[str, ...] | list[str], k: int) -> list[Prediction]:
+    k = max(1, min(int(k or 1), len(labels)))
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    order = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    return [Prediction([(labels[j], int(j), float(p[i, j])) for j in order[i]]) for i in range(len(p))]
+
+
+def _has_label(gauge, task: str) -> bool:
+    try:
+        return (task,) in gauge._metrics  # noqa: SLF001 - prometheus-client has no public lookup
+    except AttributeError:
+        return False
+
+
+__all__ = ["Core", "Examples", "ImageInput", "PathMaker", "Prediction", "TaskSpec", "TEST", "TRAIN",
+           "VALIDATION", "UNSPECIFIED", "top_k_predictions"]

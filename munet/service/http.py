@@ -1,0 +1,188 @@
+"""The process we ship: a BentoML service that owns the core, serves HTTP on :3000 and, from its
+startup hook, the gRPC server and the evolution scheduler on the same core objects.
+
+BentoML 1.4 serves no gRPC for new-style services (bentoml/BentoML#4634), so gRPC is our own
+`grpc.aio` server on uvicorn's event loop. With several HTTP workers, only worker 1 runs gRPC and
+the scheduler; the others serve HTTP and follow the store's current versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import BentoMLException
+
+from munet import metrics
+from munet.app import App, setup_logging
+from munet.config import Config
+from munet.errors import InvalidArgument, MunetError
+from munet.service.core import UNSPECIFIED, Examples, ImageInput, TaskSpec
+
+log = logging.getLogger("munet.http")
+CONFIG = Config.from_env()
+
+
+def _http_error(e: MunetError) -> BentoMLException:
+    return BentoMLException(f"{e.code}: {e.message}", error_code=HTTPStatus(e.http_status))
+
+
+def _images(images: list[str] | None, arrays: list[Any] | None) -> list[ImageInput]:
+    out = []
+    for i, s in enumerate(images or []):
+        try:
+            out.append(ImageInput(encoded=base64.b64decode(s, validate=True)))
+        except (ValueError, TypeError):
+            raise InvalidArgument(f"images[{i}] is not valid base64") from None
+    for i, a in enumerate(arrays or []):
+        try:
+            arr = np.asarray(a)
+        except ValueError:
+            raise InvalidArgument(f"arrays[{i}] is not a rectangular array") from None
+        if arr.ndim not in (2, 3) or arr.size == 0 or not np.issubdtype(arr.dtype, np.number):
+            raise InvalidArgument(f"arrays[{i}] must be an (H, W) or (H, W, C) array of numbers")
+        if arr.min() < 0 or arr.max() > 255:
+            raise InvalidArgument(f"arrays[{i}] has values outside 0..255")
+        arr = arr.astype(np.uint8)
+        c = 1 if arr.ndim == 2 else arr.shape[2]
+        out.append(ImageInput(raw=arr.tobytes(), height=arr.shape[0], width=arr.shape[1], channels=c))
+    return out
+
+
+@bentoml.service(name="munet", workers=CONFIG.http_workers, traffic={"timeout": 900})
+class MunetService:
+    def __init__(self) -> None:
+        setup_logging()
+        self.app = App.build(Config.from_env())
+        self.core = self.app.core
+        idx = bentoml.server_context.worker_index
+        self.primary = idx is None or idx == 1
+        self._follow: asyncio.Task | None = None
+
+    @bentoml.on_startup
+    async def start(self) -> None:
+        if self.primary:
+            await asyncio.to_thread(self.app.start)
+            await self.app.start_grpc()
+            self.app.start_scheduler()
+        else:
+            await asyncio.to_thread(self.core.restore)
+            self._follow = asyncio.get_running_loop().create_task(self._follow_store())
+
+    async def _follow_store(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                await asyncio.to_thread(self.core.sync_from_store)
+            except Exception:  # noqa: BLE001 - keep following; the next round may succeed
+                log.exception("following the store failed")
+
+    @bentoml.on_shutdown
+    async def shutdown(self) -> None:
+        if self._follow is not None:
+            self._follow.cancel()
+        await self.app.stop()
+
+    async def _call(self, fn, *args, **kwargs):
+        try:
+            result = fn(*args, **kwargs)
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+        except MunetError as e:
+            raise _http_error(e) from None
+
+    @bentoml.api
+    async def predict(self, task: str, images: list[str] | None = None, arrays: list[Any] | None = None,
+                      top_k: int = 1) -> dict:
+        """Classify images: `images` are base64 PNG/JPEG files, `arrays` are (H, W[, C]) uint8 pixel lists."""
+        t0 = time.perf_counter()
+        code = "OK"
+        try:
+            path, preds = await self._call(lambda: self.core.predict(task, _images(images, arrays), top_k))
+        except BentoMLException as e:
+            code = e.message.split(":", 1)[0]
+            raise
+        finally:
+            label = task if self.core.runtime.get(task) is not None else "unknown"
+            metrics.REQUESTS.labels(label, "http", code).inc()
+            metrics.LATENCY.labels(label, "http").observe(time.perf_counter() - t0)
+        return {"task": task, "path_version": path.version,
+                "predictions": [[{"label": lbl, "index": i, "probability": p} for lbl, i, p in pr.top]
+                                for pr in preds]}
+
+    @bentoml.api
+    async def register(self, name: str, file: Path | None = None, builtin: str | None = None,
+                       npz_file: str | None = None, labels: list[str] | None = None, max_examples: int = 0,
+                       seed: int = 0, validation_fraction: float = 0.1, test_fraction: float = 0.1) -> dict:
+        """Create a task from an uploaded .npz (`file`), a built-in data set, or an import-dir .npz."""
+        def work() -> dict:
+            uploaded = []
+            if file is not None:
+                ex, names = self.core.read_npz(Path(file).read_bytes(), "uploaded file")
+                uploaded.append(ex)
+                lbls = labels or names
+            else:
+                lbls = labels or []
+            spec = TaskSpec(name=name, labels=lbls, builtin=builtin, npz_file=npz_file,
+                            max_examples=max_examples, seed=seed, validation_fraction=validation_fraction,
+                            test_fraction=test_fraction)
+            self.core.register_task(spec, uploaded)
+            return self.core.task_view(name)
+
+        return await self._call(asyncio.to_thread, work)
+
+    @bentoml.api
+    async def add_examples(self, task: str, file: Path) -> dict:
+        """Add labelled examples from an uploaded .npz (x, y, optional split) to a live task."""
+        def work() -> dict:
+            ex, _ = self.core.read_npz(Path(file).read_bytes(), "uploaded file")
+            split = np.where(ex.split == UNSPECIFIED, UNSPECIFIED, ex.split).astype(np.int8)
+            counts = self.core.add_examples(task, Examples(ex.x, ex.y, split))
+            total = self.core.store.example_counts(task)
+            return {"task": task, "added": len(ex.y), **counts, "total_examples": sum(total.values())}
+
+        return await self._call(asyncio.to_thread, work)
+
+    @bentoml.api
+    async def tasks(self) -> list[dict]:
+        return await self._call(asyncio.to_thread, self.core.list_task_views)
+
+    @bentoml.api
+    async def task(self, name: str) -> dict:
+        return await self._call(asyncio.to_thread, self.core.task_view, name)
+
+    @bentoml.api
+    async def delete(self, name: str) -> dict:
+        await self._call(asyncio.to_thread, self.core.delete_task, name)
+        return {"name": name}
+
+    @bentoml.api
+    async def versions(self, task: str) -> dict:
+        current, versions = await self._call(asyncio.to_thread, self.core.list_versions, task)
+        return {"task": task, "current_version": current, "versions": versions}
+
+    @bentoml.api
+    async def rollback(self, task: str, version: int = 0) -> dict:
+        return await self._call(asyncio.to_thread, self.core.rollback, task, version)
+
+    @bentoml.api
+    async def evolve(self, task: str = "", candidates: int = 0, budget_seconds: float = 0.0,
+                     wait: bool = False) -> dict:
+        if self.app.evolution is None or not self.primary:
+            raise BentoMLException("FAILED_PRECONDITION: evolution runs on worker 1 only and must be enabled",
+                                   error_code=HTTPStatus.PRECONDITION_FAILED)
+        return await self._call(self.app.evolution.trigger, task or None, candidates, budget_seconds, wait)
+
+    @bentoml.api
+    async def evolution_status(self) -> dict:
+        if self.app.evolution is None:
+            return {"running": False, "scheduler_enabled": False}
+        return await self._call(self.app.evolution.status)

@@ -1,0 +1,201 @@
+"""ONNX Runtime execution of paths: one session per module id, shared by every path that uses it.
+
+A path runs as a chain of sessions, `x -> embed -> block ... -> head -> logits`. A batch that mixes
+tasks runs as a tree: requests whose paths start with the same modules go through those modules
+together, and split where their paths part (`run_grouped`). So ten tasks on one frozen trunk cost
+one trunk pass per batch, not ten.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from munet.models.export import ensure_onnx
+from munet.models.store import PathRecord, Store
+
+log = logging.getLogger(__name__)
+
+
+def usable_providers(wanted: list[str]) -> list[str]:
+    """The wanted providers that really start here, in order.
+
+    `get_available_providers()` lists what the wheel was built with (onnxruntime-gpu always lists
+    CUDA), so each non-CPU provider is tried on a one-node model with ORT's logger silenced: its
+    failure to load CUDA libraries is expected on a CPU host and would otherwise be logged as an
+    error by every session.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    built = set(ort.get_available_providers())
+    out: list[str] = []
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    probe = model.SerializeToString()
+    for p in wanted:
+        if p not in built:
+            log.info("execution provider %s is not in this onnxruntime build; skipped", p)
+            continue
+        if p == "CPUExecutionProvider":
+            out.append(p)
+            continue
+        ort.set_default_logger_severity(4)
+        try:
+            got = ort.InferenceSession(probe, providers=[p, "CPUExecutionProvider"]).get_providers()
+        except Exception:  # noqa: BLE001 - any failure means "not usable here"
+            got = []
+        finally:
+            ort.set_default_logger_severity(2)
+        if p in got:
+            out.append(p)
+        else:
+            log.info("execution provider %s cannot start on this machine; skipped", p)
+    if "CPUExecutionProvider" not in out:
+        out.append("CPUExecutionProvider")
+    return out
+
+
+class SessionPool:
+    """Module id -> InferenceSession, created on first use and shared by all paths."""
+
+    def __init__(self, store: Store, providers: list[str], intra_op_threads: int = 0):
+        self.store = store
+        self.providers = usable_providers(providers)
+        self.intra_op_threads = intra_op_threads
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._lock = threading.Lock()
+        log.info("ONNX Runtime %s, providers %s", ort.__version__, self.providers)
+
+    def _options(self) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.intra_op_threads:
+            so.intra_op_num_threads = self.intra_op_threads
+        so.inter_op_num_threads = 1
+        # A path is a chain of sessions: spinning worker threads of idle sessions fight the busy one
+        # for the cores (measured 2.5x slower on 2 cores), and starve training too.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.log_severity_level = 3
+        return so
+
+    def get(self, module_id: str) -> ort.InferenceSession:
+        s = self._sessions.get(module_id)
+        if s is not None:
+            return s
+        with self._lock:
+            s = self._sessions.get(module_id)
+            if s is None:
+                path = ensure_onnx(self.store, module_id)
+                s = ort.InferenceSession(path, sess_options=self._options(), providers=self.providers)
+                self._sessions[module_id] = s
+        return s
+
+    def provider_of(self, module_id: str) -> str:
+        return self.get(module_id).get_providers()[0]
+
+    def loaded(self) -> list[str]:
+        return list(self._sessions)
+
+    def release(self, keep: set[str]) -> list[str]:
+        """Drop sessions of modules no served path uses any more."""
+        with self._lock:
+            gone = [m for m in self._sessions if m not in keep]
+            for m in gone:
+                del self._sessions[m]
+        return gone
+
+
+@dataclass(frozen=True)
+class ServedPath:
+    """An immutable, loaded path version: what a request is pinned to when it arrives."""
+
+    task: str
+    version: int
+    module_ids: tuple[str, ...]
+    labels: tuple[str, ...]
+    sessions: tuple[ort.InferenceSession, ...] = field(repr=False, compare=False)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        for s in self.sessions:
+            x = s.run(None, {"x": x})[0]
+        return x
+
+
+def run_grouped(items: list[tuple[ServedPath, np.ndarray]]) -> list[np.ndarray]:
+    """Run several (path, input) pairs, sharing work on common module prefixes. Returns outputs in order."""
+    outputs: list[np.ndarray | None] = [None] * len(items)
+    _run_tree(list(range(len(items))), [x for _, x in items], [p for p, _ in items], 0, outputs)
+    return outputs  # type: ignore[return-value]
+
+
+def _run_tree(idx: list[int], xs: list[np.ndarray], paths: list[ServedPath], depth: int,
+              outputs: list[np.ndarray | None]) -> None:
+    groups: dict[str, list[int]] = {}
+    for j, i in enumerate(idx):
+        p = paths[i]
+        if depth == len(p.module_ids):
+            outputs[i] = xs[j]
+        else:
+            groups.setdefault(p.module_ids[depth], []).append(j)
+    for module_id, members in groups.items():
+        session = paths[idx[members[0]]].sessions[depth]
+        parts = [xs[j] for j in members]
+        sizes = [len(a) for a in parts]
+        y = session.run(None, {"x": parts[0] if len(parts) == 1 else np.concatenate(parts)})[0]
+        ys = np.split(y, np.cumsum(sizes)[:-1]) if len(parts) > 1 else [y]
+        _run_tree([idx[j] for j in members], ys, paths, depth + 1, outputs)
+
+
+class Runtime:
+    """The live serving graph: task -> ServedPath, swapped atomically."""
+
+    def __init__(self, store: Store, providers: list[str], intra_op_threads: int = 0):
+        self.store = store
+        self.pool = SessionPool(store, providers, intra_op_threads)
+        self._paths: dict[str, ServedPath] = {}
+        self._lock = threading.Lock()
+
+    def prepare(self, rec: PathRecord, labels: list[str], warm_batches: tuple[int, ...] = (1, 8)) -> ServedPath:
+        """Export (if needed), load and warm every module of a path version without serving it."""
+        sessions = tuple(self.pool.get(m) for m in rec.modules)
+        served = ServedPath(rec.task, rec.version, tuple(rec.modules), tuple(labels), sessions)
+        first = self.store.module_record(rec.modules[0]).config
+        for b in warm_batches:
+            x = np.random.default_rng(0).random(
+                (b, first.get("in_chans", 3), first.get("image_size", 32), first.get("image_size", 32)),
+                dtype=np.float32)
+            out = served.run(x)
+            if out.shape != (b, len(labels)):
+                raise ValueError(f"path {rec.task} v{rec.version} gives outputs of shape {out.shape}, "
+                                 f"expected {(b, len(labels))}")
+        return served
+
+    def swap(self, served: ServedPath) -> ServedPath | None:
+        """Make `served` the task's live path; requests already pinned to the old one finish on it."""
+        with self._lock:
+            old = self._paths.get(served.task)
+            self._paths[served.task] = served
+        return old
+
+    def remove(self, task: str) -> None:
+        with self._lock:
+            self._paths.pop(task, None)
+        self.pool.release(self.live_modules())
+
+    def get(self, task: str) -> ServedPath | None:
+        return self._paths.get(task)
+
+    def tasks(self) -> dict[str, ServedPath]:
+        return dict(self._paths)
+
+    def live_modules(self) -> set[str]:
+        return {m for p in self._paths.values() for m in p.module_ids}

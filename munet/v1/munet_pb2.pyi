@@ -1,0 +1,331 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Split(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SPLIT_UNSPECIFIED: _ClassVar[Split]
+    SPLIT_TRAIN: _ClassVar[Split]
+    SPLIT_VALIDATION: _ClassVar[Split]
+    SPLIT_TEST: _ClassVar[Split]
+SPLIT_UNSPECIFIED: Split
+SPLIT_TRAIN: Split
+SPLIT_VALIDATION: Split
+SPLIT_TEST: Split
+
+class Image(_message.Message):
+    __slots__ = ("encoded", "raw")
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    encoded: bytes
+    raw: RawImage
+    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ...) -> None: ...
+
+class RawImage(_message.Message):
+    __slots__ = ("data", "height", "width", "channels")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    height: int
+    width: int
+    channels: int
+    def __init__(self, data: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("task", "images", "top_k")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    top_k: int
+    def __init__(self, task: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class LabelScore(_message.Message):
+    __slots__ = ("label", "index", "probability")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    index: int
+    probability: float
+    def __init__(self, label: _Optional[str] = ..., index: _Optional[int] = ..., probability: _Optional[float] = ...) -> None: ...
+
+class Prediction(_message.Message):
+    __slots__ = ("top",)
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    top: _containers.RepeatedCompositeFieldContainer[LabelScore]
+    def __init__(self, top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("task", "path_version", "predictions")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    PATH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    path_version: int
+    predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
+    def __init__(self, task: _Optional[str] = ..., path_version: _Optional[int] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ...) -> None: ...
+
+class LabelledImage(_message.Message):
+    __slots__ = ("image", "label", "split")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    image: Image
+    label: int
+    split: Split
+    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., label: _Optional[int] = ..., split: _Optional[_Union[Split, str]] = ...) -> None: ...
+
+class TaskSpec(_message.Message):
+    __slots__ = ("name", "labels", "builtin", "npz_file", "max_examples", "validation_fraction", "test_fraction", "seed")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    BUILTIN_FIELD_NUMBER: _ClassVar[int]
+    NPZ_FILE_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    TEST_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    builtin: str
+    npz_file: str
+    max_examples: int
+    validation_fraction: float
+    test_fraction: float
+    seed: int
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., builtin: _Optional[str] = ..., npz_file: _Optional[str] = ..., max_examples: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., test_fraction: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class ExampleBatch(_message.Message):
+    __slots__ = ("examples",)
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    examples: _containers.RepeatedCompositeFieldContainer[LabelledImage]
+    def __init__(self, examples: _Optional[_Iterable[_Union[LabelledImage, _Mapping]]] = ...) -> None: ...
+
+class RegisterTaskRequest(_message.Message):
+    __slots__ = ("spec", "examples")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    spec: TaskSpec
+    examples: ExampleBatch
+    def __init__(self, spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., examples: _Optional[_Union[ExampleBatch, _Mapping]] = ...) -> None: ...
+
+class AddExamplesRequest(_message.Message):
+    __slots__ = ("task", "examples")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    examples: ExampleBatch
+    def __init__(self, task: _Optional[str] = ..., examples: _Optional[_Union[ExampleBatch, _Mapping]] = ...) -> None: ...
+
+class AddExamplesResponse(_message.Message):
+    __slots__ = ("task", "added", "train", "validation", "test", "total_examples")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FIELD_NUMBER: _ClassVar[int]
+    TEST_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    added: int
+    train: int
+    validation: int
+    test: int
+    total_examples: int
+    def __init__(self, task: _Optional[str] = ..., added: _Optional[int] = ..., train: _Optional[int] = ..., validation: _Optional[int] = ..., test: _Optional[int] = ..., total_examples: _Optional[int] = ...) -> None: ...
+
+class ModuleInfo(_message.Message):
+    __slots__ = ("id", "kind", "params", "shared_by", "frozen")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_BY_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: str
+    params: int
+    shared_by: int
+    frozen: bool
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., params: _Optional[int] = ..., shared_by: _Optional[int] = ..., frozen: _Optional[bool] = ...) -> None: ...
+
+class PathVersion(_message.Message):
+    __slots__ = ("version", "modules", "validation_accuracy", "test_accuracy", "score", "params", "accounted_params", "added_params", "parents", "parent_task", "mutations", "hyperparameters_json", "training_seconds", "created_at", "status")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNTED_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    ADDED_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
+    PARENT_TASK_FIELD_NUMBER: _ClassVar[int]
+    MUTATIONS_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMETERS_JSON_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    modules: _containers.RepeatedCompositeFieldContainer[ModuleInfo]
+    validation_accuracy: float
+    test_accuracy: float
+    score: float
+    params: int
+    accounted_params: int
+    added_params: int
+    parents: _containers.RepeatedScalarFieldContainer[int]
+    parent_task: str
+    mutations: _containers.RepeatedScalarFieldContainer[str]
+    hyperparameters_json: str
+    training_seconds: float
+    created_at: str
+    status: str
+    def __init__(self, version: _Optional[int] = ..., modules: _Optional[_Iterable[_Union[ModuleInfo, _Mapping]]] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., score: _Optional[float] = ..., params: _Optional[int] = ..., accounted_params: _Optional[int] = ..., added_params: _Optional[int] = ..., parents: _Optional[_Iterable[int]] = ..., parent_task: _Optional[str] = ..., mutations: _Optional[_Iterable[str]] = ..., hyperparameters_json: _Optional[str] = ..., training_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., status: _Optional[str] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("name", "labels", "status", "current_version", "path", "train_examples", "validation_examples", "test_examples", "source", "created_at", "lineage")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TEST_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    status: str
+    current_version: int
+    path: PathVersion
+    train_examples: int
+    validation_examples: int
+    test_examples: int
+    source: str
+    created_at: str
+    lineage: _containers.RepeatedCompositeFieldContainer[PathVersion]
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., status: _Optional[str] = ..., current_version: _Optional[int] = ..., path: _Optional[_Union[PathVersion, _Mapping]] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ..., test_examples: _Optional[int] = ..., source: _Optional[str] = ..., created_at: _Optional[str] = ..., lineage: _Optional[_Iterable[_Union[PathVersion, _Mapping]]] = ...) -> None: ...
+
+class ListTasksRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTasksResponse(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[Task]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...
+
+class GetTaskRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteTaskRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteTaskResponse(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class TriggerEvolutionRequest(_message.Message):
+    __slots__ = ("task", "candidates", "budget_seconds", "wait")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    candidates: int
+    budget_seconds: float
+    wait: bool
+    def __init__(self, task: _Optional[str] = ..., candidates: _Optional[int] = ..., budget_seconds: _Optional[float] = ..., wait: _Optional[bool] = ...) -> None: ...
+
+class GetEvolutionStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GenerationReport(_message.Message):
+    __slots__ = ("task", "generation", "candidates", "best_score", "incumbent_score", "promoted", "promoted_version", "error", "started_at", "seconds")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    BEST_SCORE_FIELD_NUMBER: _ClassVar[int]
+    INCUMBENT_SCORE_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    generation: int
+    candidates: int
+    best_score: float
+    incumbent_score: float
+    promoted: bool
+    promoted_version: int
+    error: str
+    started_at: str
+    seconds: float
+    def __init__(self, task: _Optional[str] = ..., generation: _Optional[int] = ..., candidates: _Optional[int] = ..., best_score: _Optional[float] = ..., incumbent_score: _Optional[float] = ..., promoted: _Optional[bool] = ..., promoted_version: _Optional[int] = ..., error: _Optional[str] = ..., started_at: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class EvolutionStatus(_message.Message):
+    __slots__ = ("running", "current_task", "candidates_done", "candidates_total", "paused_for_load", "generations", "recent", "scheduler_enabled", "interval_seconds")
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_TASK_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_DONE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FOR_LOAD_FIELD_NUMBER: _ClassVar[int]
+    GENERATIONS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    running: bool
+    current_task: str
+    candidates_done: int
+    candidates_total: int
+    paused_for_load: bool
+    generations: int
+    recent: _containers.RepeatedCompositeFieldContainer[GenerationReport]
+    scheduler_enabled: bool
+    interval_seconds: float
+    def __init__(self, running: _Optional[bool] = ..., current_task: _Optional[str] = ..., candidates_done: _Optional[int] = ..., candidates_total: _Optional[int] = ..., paused_for_load: _Optional[bool] = ..., generations: _Optional[int] = ..., recent: _Optional[_Iterable[_Union[GenerationReport, _Mapping]]] = ..., scheduler_enabled: _Optional[bool] = ..., interval_seconds: _Optional[float] = ...) -> None: ...
+
+class ListVersionsRequest(_message.Message):
+    __slots__ = ("task",)
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    def __init__(self, task: _Optional[str] = ...) -> None: ...
+
+class ListVersionsResponse(_message.Message):
+    __slots__ = ("task", "current_version", "versions")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    current_version: int
+    versions: _containers.RepeatedCompositeFieldContainer[PathVersion]
+    def __init__(self, task: _Optional[str] = ..., current_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[PathVersion, _Mapping]]] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("task", "version")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    version: int
+    def __init__(self, task: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,43 @@
+"""Shared fixtures: small, fast apps on temporary stores (tiny budgets; the root is the committed one)."""
+
+from __future__ import annotations
+
+import pytest
+
+from munet.app import App
+from munet.config import Config
+from munet.service.core import TaskSpec
+
+FAST = dict(
+    demo_task=False, scheduler_enabled=False, head_train_epochs=15, candidates_per_generation=2,
+    candidate_budget_s=2.0, candidate_max_steps=60, train_batch_size=32, evolution_max_train=600,
+    evolution_max_validation=300, gc_min_age_s=0.0, max_delay_ms=2.0, intra_op_threads=1,
+)
+
+
+def fast_config(home, **overrides) -> Config:
+    return Config.from_env(home=home, **{**FAST, **overrides})
+
+
+@pytest.fixture
+def make_app(tmp_path):
+    """Builds (and afterwards closes) apps; pass `home` to reopen a store, as after a restart."""
+    apps: list[App] = []
+
+    def make(home=None, start=True, **overrides) -> App:
+        app = App.build(fast_config(home or tmp_path / "home", **overrides))
+        if start:
+            app.start()
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        try:
+            app.close()
+        except Exception:  # noqa: BLE001 - already closed by the test
+            pass
+
+
+def register_digits(app: App, name: str = "digits", max_examples: int = 500, seed: int = 0, builtin="uci_digits"):
+    return app.core.register_task(TaskSpec(name=name, builtin=builtin, max_examples=max_examples, seed=seed))

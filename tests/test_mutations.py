@@ -1,0 +1,106 @@
+"""Each mutation keeps the path's function until training (Gesmundo & Maile 2023), and never
+touches a stored module."""
+
+import numpy as np
+import pytest
+import torch
+
+from munet.evolution.mutations import (
+    DEFAULT_HPARAMS,
+    HP_LISTS,
+    add_heads,
+    clone,
+    identity_block,
+    incremental_mutation,
+    mutate_hparams,
+    mutate_path,
+    new_adapter,
+    widen_mlp,
+)
+from munet.models.vit import Chain, RootModel, ViTConfig
+
+
+@pytest.fixture(scope="module")
+def root():
+    m = RootModel.create(ViTConfig(num_classes=10), seed=3)
+    for mod in m.modules:
+        mod.eval()
+    return m
+
+
+def _tokens(root, n=4):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return root.modules[0](torch.rand(n, 3, 32, 32))
+
+
+def test_identity_block_and_adapter_are_the_identity(root):
+    x = _tokens(root)
+    blk = identity_block(root.modules[1].cfg).eval()
+    ada = new_adapter(96, 32).eval()
+    with torch.no_grad():
+        assert torch.equal(blk(x), x)
+        assert torch.equal(ada(x), x)
+
+
+@pytest.mark.parametrize("grow", ["widen", "heads"])
+def test_expansions_preserve_the_block_function(root, grow):
+    x = _tokens(root)
+    block = root.modules[2]
+    rng = np.random.default_rng(0)
+    grown = (widen_mlp(block, 192, rng) if grow == "widen" else add_heads(block, 2, rng)).eval()
+    assert sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in block.parameters())
+    with torch.no_grad():
+        ref, got = block(x), grown(x)
+    # only float summation order differs: the added units contribute exact zeros
+    assert torch.allclose(ref, got, atol=1e-6, rtol=0)
+    # and training can move them: the new output weights receive gradient
+    grown.train()
+    grown(x).sum().backward()
+    new_w = grown.mlp.fc2.weight if grow == "widen" else grown.attn.proj.weight
+    assert new_w.grad is not None and new_w.grad.abs().sum() > 0
+
+
+def test_clone_is_a_detached_trainable_copy(root):
+    block = root.modules[1]
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    c = clone(block)
+    with torch.no_grad():
+        for p in c.parameters():
+            p.add_(1.0)
+    for k, v in block.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_hparam_steps_stay_on_their_lists():
+    rng = np.random.default_rng(0)
+    hp = dict(DEFAULT_HPARAMS)
+    for _ in range(200):
+        hp, _ = mutate_hparams(hp, rng, mu=0.5)
+        for k, values in HP_LISTS.items():
+            assert hp[k] in values
+    assert incremental_mutation(0.1, HP_LISTS["opt_lr"], np.random.default_rng(1)) in (0.05, 0.1)
+
+
+def test_mutated_path_keeps_the_function_before_training(root):
+    ids = [f"m{i}" for i in range(len(root.modules))]
+    parent = list(zip(ids, root.modules, strict=True))
+    root_blocks = parent[1:-1]
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = Chain(root.modules)(x)
+    kinds_seen = set()
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        hp = {**DEFAULT_HPARAMS, "mu": 0.3}
+        cand = mutate_path("t", parent, "t", 1, hp, root.modules[-1], root_blocks, rng, max_blocks=6)
+        mods = [s.module if s.trainable else dict(parent)[s.module_id] for s in cand.slots]
+        assert cand.slots[-1].trainable, "the head always trains"
+        kinds_seen.update(m.split(":")[0] for m in cand.mutations)
+        if any(m.startswith(("remove_layer", "restore_layer", "add_layer")) for m in cand.mutations):
+            continue  # changing depth changes the function by design
+        for m in mods:
+            m.eval()
+        with torch.no_grad():
+            assert torch.allclose(Chain(mods)(x), ref, atol=1e-5), cand.mutations
+    assert {"clone", "insert_adapter"} <= kinds_seen

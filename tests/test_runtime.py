@@ -1,0 +1,101 @@
+"""The ONNX Runtime serving graph: parity with torch, shared sessions, grouped batches, restart."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import torch
+
+from conftest import register_digits
+from munet.data.images import to_model_input
+from munet.models.export import torch_chain_outputs
+from munet.models.vit import Chain
+from munet.service.core import ImageInput
+from munet.service.runtime import run_grouped
+
+
+def _images(n=8, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def test_onnx_path_matches_torch_within_1e_4(make_app):
+    app = make_app()
+    register_digits(app, "parity")
+    rec = app.store.get_path("parity")
+    x = to_model_input(_images(16))
+    onnx_out = app.core.runtime.get("parity").run(x)
+    with torch.no_grad():
+        torch_out = Chain([app.store.load_module(m) for m in rec.modules])(torch.from_numpy(x)).numpy()
+    assert onnx_out.shape == (16, 10)
+    assert np.max(np.abs(onnx_out - torch_out)) <= 1e-4
+    assert np.allclose(torch_chain_outputs(app.store, rec.modules, x), torch_out)
+
+
+def test_modules_shared_by_tasks_are_loaded_once(make_app):
+    app = make_app()
+    for i in range(3):
+        register_digits(app, f"t{i}", max_examples=300, seed=i)
+    paths = [app.store.get_path(f"t{i}") for i in range(3)]
+    trunk = paths[0].modules[:-1]
+    assert all(p.modules[:-1] == trunk for p in paths), "all three start on the root trunk"
+    loaded = app.core.runtime.pool.loaded()
+    assert len(loaded) == len(trunk) + 3  # one session per trunk module, plus one head per task
+    live = [app.core.runtime.get(f"t{i}") for i in range(3)]
+    for depth in range(len(trunk)):
+        assert len({id(p.sessions[depth]) for p in live}) == 1
+
+
+def test_mixed_task_batches_share_the_trunk_and_match_separate_runs(make_app):
+    app = make_app()
+    register_digits(app, "a", max_examples=300, seed=1)
+    register_digits(app, "b", builtin="animal_shapes", max_examples=300)
+    pa, pb = app.core.runtime.get("a"), app.core.runtime.get("b")
+    xa, xb = to_model_input(_images(5, 1)), to_model_input(_images(3, 2))
+    grouped = run_grouped([(pa, xa), (pb, xb), (pa, xa[:1])])
+    assert np.allclose(grouped[0], pa.run(xa), atol=1e-5)
+    assert np.allclose(grouped[1], pb.run(xb), atol=1e-5)
+    assert np.allclose(grouped[2], pa.run(xa[:1]), atol=1e-5)
+
+
+def test_concurrent_requests_are_micro_batched(make_app):
+    app = make_app(max_batch_size=64, max_delay_ms=20.0)
+    register_digits(app, "batched", max_examples=300)
+    sizes: list[int] = []
+    app.core.batcher.on_batch = lambda images, tasks: sizes.append(images)
+    im = _images(1)[0]
+
+    async def main():
+        reqs = [app.core.predict("batched", [ImageInput(raw=im.tobytes(), height=32, width=32, channels=3)])
+                for _ in range(24)]
+        return await asyncio.gather(*reqs)
+
+    results = asyncio.run(main())
+    assert len(results) == 24
+    assert max(sizes) > 1, sizes  # requests were merged
+    assert sum(sizes) == 24
+    first = results[0][1][0].top[0]
+    assert all(r[1][0].top[0] == first for r in results)  # same image, same answer in any batch
+
+
+def test_restart_restores_every_task_with_identical_outputs(make_app, tmp_path):
+    home = tmp_path / "restart"
+    app = make_app(home=home)
+    register_digits(app, "one", max_examples=300)
+    register_digits(app, "two", builtin="animal_shapes", max_examples=300)
+    x = _images(6)
+    before = {t: (app.core.runtime.get(t).version, app.core.predict_sync(t, x)[1]) for t in ("one", "two")}
+    app.close()
+    again = make_app(home=home)
+    for t, (version, out) in before.items():
+        assert again.core.runtime.get(t).version == version
+        assert np.array_equal(again.core.predict_sync(t, x)[1], out)
+
+
+def test_a_half_registered_task_is_removed_at_start(make_app, tmp_path):
+    home = tmp_path / "crash"
+    app = make_app(home=home)
+    app.store.create_task("orphan", ["a", "b"], {"kind": "upload"})  # as if the process died here
+    app.close()
+    again = make_app(home=home)
+    assert [t.name for t in again.store.list_tasks()] == []
