@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 APT_PACKAGES := dataset-fashion-mnist fonts-noto-color-emoji unicode-data
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 
-.PHONY: setup run test lint protos pretrain bench-quality bench-serve clean-store bento
+.PHONY: setup run test lint protos pretrain bench-quality bench-serve bench-prefix-cache clean-store bento
 
 setup: $(STAMP) apt-data
 
@@ -51,6 +51,9 @@ bench-quality: setup
 
 bench-serve: setup
 	$(VENV)/bin/munet bench serve
+
+bench-prefix-cache: setup
+	$(VENV)/bin/munet bench prefix-cache
 
 clean-store:
 	rm -rf .munet

@@ -24,8 +24,10 @@ DEMO_TASK = "digits-demo"
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("MUNET_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("MUNET_LOG_LEVEL", "INFO").upper()
+    # BentoML installs its own root handlers; then ours only needs the level on the munet logger
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("munet").setLevel(level)
 
 
 @dataclass

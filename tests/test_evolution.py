@@ -8,8 +8,8 @@ import threading
 
 import numpy as np
 import pytest
-
 from conftest import register_digits
+
 from munet.data.builtin import load_builtin
 from munet.data.splits import TEST
 from munet.service.core import UNSPECIFIED, Examples
@@ -107,7 +107,7 @@ def test_failed_promotion_keeps_the_old_version_serving(make_app, monkeypatch):
     register_digits(app, "guarded")
     cur = app.store.get_path("guarded")
     _, before = app.core.predict_sync("guarded", _fixed_inputs())
-    import munet.models.export as export
+    from munet.models import export
 
     monkeypatch.setattr(export, "export_module", lambda module: b"not an onnx model")
     _force_promotion(app, "guarded")
@@ -145,7 +145,7 @@ def test_restart_serves_the_promoted_version_and_rollback_returns_the_previous(m
 
 
 def test_new_examples_of_a_new_style_lift_accuracy_on_that_style(make_app):
-    app = make_app(candidate_budget_s=4.0, candidate_max_steps=150)
+    app = make_app(candidate_budget_s=6.0, candidate_max_steps=250, train_batch_size=64, evolution_max_train=1000)
     register_digits(app, "digits", max_examples=900)
     register_digits(app, "other", builtin="animal_shapes", max_examples=300)
     _, other_before = app.core.predict_sync("other", _fixed_inputs())
@@ -164,7 +164,7 @@ def test_new_examples_of_a_new_style_lift_accuracy_on_that_style(make_app):
     split = np.full(len(new_train), UNSPECIFIED, np.int8)
     counts = app.core.add_examples("digits", Examples(inv[new_train], ds.y[new_train].astype(np.int64), split))
     assert counts["train"] > 0 and counts["validation"] > 0 and counts["test"] == 0
-    for _ in range(2):
+    for _ in range(3):
         app.evolution.evolver.run_generation("digits", n_candidates=2)
     after = acc_on_style()
     assert after > before + 0.1, (before, after)

@@ -6,8 +6,8 @@ import asyncio
 
 import numpy as np
 import torch
-
 from conftest import register_digits
+
 from munet.data.images import to_model_input
 from munet.models.export import torch_chain_outputs
 from munet.models.vit import Chain

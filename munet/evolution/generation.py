@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from munet import metrics
 from munet.config import Config
@@ -38,6 +39,8 @@ class CandidateReport:
     seconds: float
     steps: int
     cached_prefix: int
+    examples: int = 0  # images through forward and backward: the budget all methods are compared on
+    prepare_seconds: float = 0.0  # computing the frozen prefix's outputs (0 when cached already)
     survived: bool = False
     version: int | None = None
 
@@ -56,8 +59,13 @@ class GenerationReport:
     error: str = ""
     seconds: float = 0.0
 
+    @property
+    def examples_processed(self) -> int:
+        return sum(c.examples for c in self.candidates)
+
     def summary(self) -> dict:
         return {"task": self.task, "generation": self.generation, "candidates": len(self.candidates),
+                "examples_processed": self.examples_processed,
                 "best_score": self.best_score, "incumbent_score": self.incumbent_score,
                 "promoted": self.promoted, "promoted_version": self.promoted_version, "error": self.error,
                 "started_at": self.started_at, "seconds": round(self.seconds, 2)}
@@ -152,7 +160,8 @@ class Evolver:
         gen = self.generations.get(task, 0) + 1
         self.generations[task] = gen
         torch.set_num_threads(max(1, cfg.training_threads))
-        rng = np.random.default_rng([cfg.seed, gen, abs(hash(task)) % (1 << 31)])
+        # crc32, not hash(): str hashes change per process, and runs must repeat
+        rng = np.random.default_rng([cfg.seed, gen, zlib.crc32(task.encode())])
         incumbent = self.store.get_path(task)
         ev = self.store.examples_version(task)
         xt, yt = self._data(task, TRAIN, cfg.evolution_max_train, cfg.seed)
@@ -175,8 +184,11 @@ class Evolver:
             parent = self.sample_parent(population, seeds, rng)
             self.offspring[(parent.task, parent.version)] = self.offspring.get((parent.task, parent.version), 0) + 1
             parent_modules = [(m, self.store.load_module(m)) for m in parent.modules]
+            users = self.store.module_users()
+            own = {m for m in parent.modules if m not in root and users.get(m, set()) <= {task}}
             cand = mutate_path(task, parent_modules, parent.task, parent.version if parent.task == task else None,
-                               parent.hparams, head_module, root_blocks, rng, max_blocks=len(root_blocks) + 2)
+                               parent.hparams, head_module, root_blocks, rng, max_blocks=len(root_blocks) + 2,
+                               own=own)
             rep = self._train(cand, xt, yt, xv, yv, ev, budget_s, n_root, int(rng.integers(1 << 31)))
             parent_score = parent.score if parent.task == task else None
             rep.survived = parent_score is None or rep.score > parent_score
@@ -199,7 +211,9 @@ class Evolver:
             _, cand, rep = best
             rec = persist_candidate(self.store, cand, rep.validation_accuracy, rep.score, self._lineage(cand, rep, ev))
             rep.version = rec.version
-            rec.test_accuracy = self.path_accuracy(rec, TEST, *self.store.load_examples(task, TEST), (task, ev, "test", rec.version))
+            # reported, never used to choose: the test split stays out of selection
+            x_test, y_test = self.store.load_examples(task, TEST)
+            rec.test_accuracy = self.path_accuracy(rec, TEST, x_test, y_test, (task, ev, "test", rec.version))
             self.store.update_path(task, rec.version, test_accuracy=rec.test_accuracy)
             ok, err = promote(self.store, self.activate, rec)
             report.promoted, report.error = ok, err
@@ -218,8 +232,8 @@ class Evolver:
     def _lineage(self, cand: Candidate, rep: CandidateReport, ev: str) -> dict:
         return {"parents": [cand.parent_version] if cand.parent_version is not None else [],
                 "parent_task": cand.parent_task, "mutations": cand.mutations, "added_params": rep.added_params,
-                "training_seconds": round(rep.seconds, 3), "steps": rep.steps, "cached_prefix": rep.cached_prefix,
-                "examples_version": ev}
+                "training_seconds": round(rep.seconds, 3), "steps": rep.steps, "examples": rep.examples,
+                "cached_prefix": rep.cached_prefix, "examples_version": ev}
 
     def _train(self, cand: Candidate, xt: np.ndarray, yt: np.ndarray, xv: np.ndarray, yv: np.ndarray, ev: str,
                budget_s: float, n_root: int, seed: int) -> CandidateReport:
@@ -228,8 +242,10 @@ class Evolver:
         rest = cand.slots[len(prefix):]
         chain: list[nn.Module] = [s.module if s.trainable else self.store.load_module(s.module_id) for s in rest]
         trainable = cand.trainable_modules()
+        t0 = time.perf_counter()
         train_in = self._features(prefix, xt, (cand.task, ev, "train"))
         val_in = self._features(prefix, xv, (cand.task, ev, "val"))
+        prepare = time.perf_counter() - t0
         res = train_candidate(chain, trainable, train_in, yt, val_in, yv, cand.hparams, cfg.train_batch_size,
                               cfg.candidate_max_steps, budget_s, raw_images=not prefix, seed=seed,
                               should_pause=self.should_pause)
@@ -238,5 +254,6 @@ class Evolver:
         accounted = self.accounted(cand.task, frozen_ids, new_params=added)
         sc = scale_score(res.validation_accuracy, accounted, n_root, cfg.scale_base)
         rep = CandidateReport(cand.parent_task, cand.parent_version, cand.mutations, res.validation_accuracy, sc,
-                              added, res.seconds, res.steps, len(prefix))
+                              added, res.seconds, res.steps, len(prefix),
+                              examples=res.steps * min(cfg.train_batch_size, len(yt)), prepare_seconds=prepare)
         return rep

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from munet.models.vit import Adapter, AdapterConfig, Block, BlockConfig
 
@@ -179,11 +179,14 @@ def mutate_path(
     root_blocks: list[tuple[str, nn.Module]],
     rng: np.random.Generator,
     max_blocks: int,
+    own: set[str] = frozenset(),
 ) -> Candidate:
     """A child of `parent`: stored modules stay frozen unless cloned; the head always trains.
 
     `parent_modules` are (id, module) for embed, layers..., head. The head is the task's own current
     head (cloned) even when the parent is another task's path: its classes are this task's.
+    Modules in `own` (this task's alone: neither the root's nor in another task's path) are always
+    cloned, as muNet keeps training a task's unlocked components; the rest with probability mu.
     """
     mu = float(parent_hparams.get("mu", DEFAULT_HPARAMS["mu"]))
     hp, muts = mutate_hparams(parent_hparams, rng, mu)
@@ -206,7 +209,7 @@ def mutate_path(
 
     slots: list[Slot] = []
     embed_slot = Slot(module_id=embed[0])
-    if rng.random() < mu:
+    if embed[0] in own or rng.random() < mu:
         embed_slot = Slot(module=clone(embed[1]), origin=f"clone:{embed[0]}")
         muts.append("clone:embed")
     slots.append(embed_slot)
@@ -214,7 +217,7 @@ def mutate_path(
     for pos, (mid, m) in enumerate(layers):
         if not mid:
             slots.append(Slot(module=m, origin="new:block"))
-        elif rng.random() < mu:
+        elif mid in own or rng.random() < mu:
             c = clone(m)
             muts.append(f"clone:{m.kind}{pos}")
             if m.kind == "block" and rng.random() < mu:

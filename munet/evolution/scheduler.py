@@ -124,7 +124,7 @@ class Evolution:
             except NotFound as e:
                 log.info("generation for %s skipped: %s", task, e.message)
                 return None
-            except Exception as e:  # noqa: BLE001 - a failed generation must not kill the scheduler
+            except Exception as e:
                 log.exception("generation for %s failed", task)
                 report = GenerationReport(task, 0, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), 0, 0.0,
                                           error=f"{type(e).__name__}: {e}")
@@ -162,13 +162,16 @@ class Evolution:
 
         self.scheduler.add_job(job, id=f"trigger-{task}-{time.monotonic_ns()}")
         if wait:
-            await asyncio.wrap_future(done)
-        else:
-            # let the job start, so the status a caller gets back already says "running"
-            for _ in range(20):
-                if self.running:
-                    break
-                await asyncio.sleep(0.05)
+            report = await asyncio.wrap_future(done)
+            status = self.status()
+            if report is not None:
+                status["triggered"] = report.summary()
+            return status
+        # let the job start, so the status a caller gets back already says "running"
+        for _ in range(20):
+            if self.running:
+                break
+            await asyncio.sleep(0.05)
         return self.status()
 
     def status(self) -> dict:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from munet.data.images import to_model_input
 from munet.models.vit import Head, HeadConfig
@@ -64,7 +64,11 @@ def fit_head(
     yt = torch.from_numpy(y.astype(np.int64))
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     steps = max(1, epochs * math.ceil(len(yt) / batch))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    warm = max(1, steps // 10)
+    def factor(s: int) -> float:  # linear warm-up, then cosine to zero
+        return (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     head.train()
@@ -206,7 +210,6 @@ def train_candidate(
     t0 = time.perf_counter()
     total = max_steps
     step = 0
-    eval_every = max(1, total // max(1, evals))
     paused = 0.0
     while step < total:
         if should_pause is not None and step % 10 == 0:
@@ -230,8 +233,8 @@ def train_candidate(
             # the time budget caps the step count once the cost of a step is known
             per_step = (time.perf_counter() - t0 - paused) / 5
             total = max(step, min(max_steps, int(budget_s / max(per_step, 1e-4))))
-            eval_every = max(1, total // max(1, evals))
-        if step % eval_every == 0 or step == total:
+        # `evals` evaluations spread evenly, the last at the final step
+        if step == total or any(step == round(total * (k + 1) / evals) for k in range(evals - 1)):
             acc = evaluate()
             if acc > best_acc:
                 best_acc = acc

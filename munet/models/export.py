@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from munet.models.store import Store
 

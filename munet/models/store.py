@@ -32,8 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from munet.errors import AlreadyExists, InvalidArgument, NotFound
 from munet.models.vit import build_module, count_params, module_config

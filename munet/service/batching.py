@@ -14,6 +14,7 @@ import concurrent.futures
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,13 @@ class _Request:
     path: ServedPath
     x: np.ndarray
     future: asyncio.Future
+    post: Callable[[np.ndarray], Any] | None = None  # runs on the inference thread, off the event loop
     enqueued: float = field(default_factory=time.perf_counter)
+
+
+def _run_batch(batch: list[_Request]) -> list[Any]:
+    outs = run_grouped([(r.path, r.x) for r in batch])
+    return [r.post(y) if r.post is not None else y for r, y in zip(batch, outs, strict=True)]
 
 
 class MicroBatcher:
@@ -38,6 +45,7 @@ class MicroBatcher:
         self._task: asyncio.Task | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="munet-infer")
         self._pending_images = 0
+        self._last_batch_requests = 0
 
     @property
     def queue_depth(self) -> int:
@@ -59,7 +67,8 @@ class MicroBatcher:
             self._task = None
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, path: ServedPath, x: np.ndarray) -> np.ndarray:
+    async def submit(self, path: ServedPath, x: np.ndarray, post: Callable[[np.ndarray], Any] | None = None) -> Any:
+        """The path's output for `x`, passed through `post` (on the inference thread) when given."""
         if self._task is None:
             self.start()
         assert self._queue is not None
@@ -77,8 +86,9 @@ class MicroBatcher:
                 outs = await asyncio.gather(*futs)
             finally:
                 self._pending_images -= len(x)
-            return np.concatenate(outs)
-        self._queue.put_nowait(_Request(path, x, fut))
+            y = np.concatenate(outs)
+            return post(y) if post is not None else y
+        self._queue.put_nowait(_Request(path, x, fut, post))
         try:
             return await fut
         finally:
@@ -92,7 +102,9 @@ class MicroBatcher:
             first = carry or await self._queue.get()
             carry = None
             batch, n = [first], len(first.x)
-            deadline = first.enqueued + self.max_delay
+            # wait for company only under load: a lone request on an idle server runs at once
+            busy = self._last_batch_requests > 1 or not self._queue.empty()
+            deadline = first.enqueued + (self.max_delay if busy else 0.0)
             while n < self.max_batch_size:
                 try:
                     req = self._queue.get_nowait()
@@ -113,12 +125,13 @@ class MicroBatcher:
             if not live:
                 continue
             try:
-                outs = await loop.run_in_executor(self._executor, run_grouped, [(r.path, r.x) for r in live])
+                outs = await loop.run_in_executor(self._executor, _run_batch, live)
             except Exception as e:  # noqa: BLE001 - the error belongs to the requests, not the loop
                 for r in live:
                     if not r.future.done():
                         r.future.set_exception(e)
                 continue
+            self._last_batch_requests = len(live)
             if self.on_batch:
                 self.on_batch(n, len({r.path.task for r in live}))
             for r, y in zip(live, outs, strict=True):

@@ -7,6 +7,8 @@ paths improve, is evolution's business: the composition root (`munet.app`) hands
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import io
 import logging
 import threading
@@ -162,11 +164,11 @@ class Core:
         x = imglib.to_model_input(self.decode(inputs))
         metrics.QUEUE_DEPTH.set(self.batcher.queue_depth + len(x))
         try:
-            logits = await self.batcher.submit(path, x)
+            preds = await self.batcher.submit(path, x, post=lambda y: top_k_predictions(y, path.labels, top_k))
         finally:
             metrics.QUEUE_DEPTH.set(self.batcher.queue_depth)
         metrics.IMAGES.labels(task, str(path.version)).inc(len(x))
-        return path, top_k_predictions(logits, path.labels, top_k)
+        return path, preds
 
     def predict_sync(self, task: str, x_u8: np.ndarray) -> tuple[ServedPath, np.ndarray]:
         """Logits for already-converted images, bypassing the batcher (tools and tests)."""
@@ -186,6 +188,8 @@ class Core:
         except Exception:
             metrics.REGISTRATIONS.labels("INTERNAL").inc()
             raise
+        finally:
+            _release_memory()
         metrics.REGISTRATIONS.labels("OK").inc()
         log.info("registered task %s in %.1f s", spec.name, time.perf_counter() - t0)
         return rec
@@ -251,10 +255,12 @@ class Core:
         labels = list(spec.labels)
         parts = list(uploaded)
         if spec.builtin:
-            from munet.data.builtin import load_builtin
+            from munet.data.builtin import DatasetUnavailable, load_builtin
 
             try:
                 ds = load_builtin(spec.builtin, max_examples=spec.max_examples or None, seed=spec.seed)
+            except DatasetUnavailable as e:
+                raise FailedPrecondition(str(e)) from None
             except ValueError as e:
                 raise InvalidArgument(str(e)) from None
             split = ds.split.astype(np.int8) if ds.split is not None else np.full(len(ds.y), UNSPECIFIED, np.int8)
@@ -421,7 +427,8 @@ class Core:
             "parents": [int(p) for p in lin.get("parents", [])], "parent_task": lin.get("parent_task", ""),
             "mutations": list(lin.get("mutations", [])), "hyperparameters": rec.hparams,
             "training_seconds": float(lin.get("training_seconds", 0.0)), "created_at": rec.created_at,
-            "status": rec.status,
+            "status": rec.status, "training_steps": int(lin.get("steps", 0)),
+            "training_examples": int(lin.get("examples", 0)),
         }
 
     def list_versions(self, task: str) -> tuple[int, list[dict]]:
@@ -451,6 +458,16 @@ class Core:
         return [self.task_view(t.name) for t in self.store.list_tasks() if t.current_version is not None]
 
 
+def _release_memory() -> None:
+    # registration trains on cached features of the whole data set; without this, glibc keeps the
+    # freed arenas and a server that registered one task stays ~300 MB larger (measured)
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def top_k_predictions(logits: np.ndarray, labels: tuple[str, ...] | list[str], k: int) -> list[Prediction]:
     k = max(1, min(int(k or 1), len(labels)))
     z = logits - logits.max(axis=1, keepdims=True)
@@ -462,10 +479,21 @@ def top_k_predictions(logits: np.ndarray, labels: tuple[str, ...] | list[str], k
 
 def _has_label(gauge, task: str) -> bool:
     try:
-        return (task,) in gauge._metrics  # noqa: SLF001 - prometheus-client has no public lookup
+        return (task,) in gauge._metrics
     except AttributeError:
         return False
 
 
-__all__ = ["Core", "Examples", "ImageInput", "PathMaker", "Prediction", "TaskSpec", "TEST", "TRAIN",
-           "VALIDATION", "UNSPECIFIED", "top_k_predictions"]
+__all__ = [
+    "TEST",
+    "TRAIN",
+    "UNSPECIFIED",
+    "VALIDATION",
+    "Core",
+    "Examples",
+    "ImageInput",
+    "PathMaker",
+    "Prediction",
+    "TaskSpec",
+    "top_k_predictions",
+]

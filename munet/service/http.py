@@ -81,7 +81,7 @@ class MunetService:
             await asyncio.sleep(2.0)
             try:
                 await asyncio.to_thread(self.core.sync_from_store)
-            except Exception:  # noqa: BLE001 - keep following; the next round may succeed
+            except Exception:
                 log.exception("following the store failed")
 
     @bentoml.on_shutdown

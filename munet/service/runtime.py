@@ -146,7 +146,7 @@ def _run_tree(idx: list[int], xs: list[np.ndarray], paths: list[ServedPath], dep
             outputs[i] = xs[j]
         else:
             groups.setdefault(p.module_ids[depth], []).append(j)
-    for module_id, members in groups.items():
+    for members in groups.values():
         session = paths[idx[members[0]]].sessions[depth]
         parts = [xs[j] for j in members]
         sizes = [len(a) for a in parts]

@@ -157,7 +157,7 @@ class ModuleInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., params: _Optional[int] = ..., shared_by: _Optional[int] = ..., frozen: _Optional[bool] = ...) -> None: ...
 
 class PathVersion(_message.Message):
-    __slots__ = ("version", "modules", "validation_accuracy", "test_accuracy", "score", "params", "accounted_params", "added_params", "parents", "parent_task", "mutations", "hyperparameters_json", "training_seconds", "created_at", "status")
+    __slots__ = ("version", "modules", "validation_accuracy", "test_accuracy", "score", "params", "accounted_params", "added_params", "parents", "parent_task", "mutations", "hyperparameters_json", "training_seconds", "created_at", "status", "training_steps", "training_examples")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODULES_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,8 @@ class PathVersion(_message.Message):
     TRAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     version: int
     modules: _containers.RepeatedCompositeFieldContainer[ModuleInfo]
     validation_accuracy: float
@@ -188,7 +190,9 @@ class PathVersion(_message.Message):
     training_seconds: float
     created_at: str
     status: str
-    def __init__(self, version: _Optional[int] = ..., modules: _Optional[_Iterable[_Union[ModuleInfo, _Mapping]]] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., score: _Optional[float] = ..., params: _Optional[int] = ..., accounted_params: _Optional[int] = ..., added_params: _Optional[int] = ..., parents: _Optional[_Iterable[int]] = ..., parent_task: _Optional[str] = ..., mutations: _Optional[_Iterable[str]] = ..., hyperparameters_json: _Optional[str] = ..., training_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., status: _Optional[str] = ...) -> None: ...
+    training_steps: int
+    training_examples: int
+    def __init__(self, version: _Optional[int] = ..., modules: _Optional[_Iterable[_Union[ModuleInfo, _Mapping]]] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., score: _Optional[float] = ..., params: _Optional[int] = ..., accounted_params: _Optional[int] = ..., added_params: _Optional[int] = ..., parents: _Optional[_Iterable[int]] = ..., parent_task: _Optional[str] = ..., mutations: _Optional[_Iterable[str]] = ..., hyperparameters_json: _Optional[str] = ..., training_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., status: _Optional[str] = ..., training_steps: _Optional[int] = ..., training_examples: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("name", "labels", "status", "current_version", "path", "train_examples", "validation_examples", "test_examples", "source", "created_at", "lineage")
@@ -261,7 +265,7 @@ class GetEvolutionStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GenerationReport(_message.Message):
-    __slots__ = ("task", "generation", "candidates", "best_score", "incumbent_score", "promoted", "promoted_version", "error", "started_at", "seconds")
+    __slots__ = ("task", "generation", "candidates", "best_score", "incumbent_score", "promoted", "promoted_version", "error", "started_at", "seconds", "examples_processed")
     TASK_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +276,7 @@ class GenerationReport(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_PROCESSED_FIELD_NUMBER: _ClassVar[int]
     task: str
     generation: int
     candidates: int
@@ -282,10 +287,11 @@ class GenerationReport(_message.Message):
     error: str
     started_at: str
     seconds: float
-    def __init__(self, task: _Optional[str] = ..., generation: _Optional[int] = ..., candidates: _Optional[int] = ..., best_score: _Optional[float] = ..., incumbent_score: _Optional[float] = ..., promoted: _Optional[bool] = ..., promoted_version: _Optional[int] = ..., error: _Optional[str] = ..., started_at: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+    examples_processed: int
+    def __init__(self, task: _Optional[str] = ..., generation: _Optional[int] = ..., candidates: _Optional[int] = ..., best_score: _Optional[float] = ..., incumbent_score: _Optional[float] = ..., promoted: _Optional[bool] = ..., promoted_version: _Optional[int] = ..., error: _Optional[str] = ..., started_at: _Optional[str] = ..., seconds: _Optional[float] = ..., examples_processed: _Optional[int] = ...) -> None: ...
 
 class EvolutionStatus(_message.Message):
-    __slots__ = ("running", "current_task", "candidates_done", "candidates_total", "paused_for_load", "generations", "recent", "scheduler_enabled", "interval_seconds")
+    __slots__ = ("running", "current_task", "candidates_done", "candidates_total", "paused_for_load", "generations", "recent", "scheduler_enabled", "interval_seconds", "triggered")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     CURRENT_TASK_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_DONE_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +301,7 @@ class EvolutionStatus(_message.Message):
     RECENT_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_ENABLED_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRIGGERED_FIELD_NUMBER: _ClassVar[int]
     running: bool
     current_task: str
     candidates_done: int
@@ -304,7 +311,8 @@ class EvolutionStatus(_message.Message):
     recent: _containers.RepeatedCompositeFieldContainer[GenerationReport]
     scheduler_enabled: bool
     interval_seconds: float
-    def __init__(self, running: _Optional[bool] = ..., current_task: _Optional[str] = ..., candidates_done: _Optional[int] = ..., candidates_total: _Optional[int] = ..., paused_for_load: _Optional[bool] = ..., generations: _Optional[int] = ..., recent: _Optional[_Iterable[_Union[GenerationReport, _Mapping]]] = ..., scheduler_enabled: _Optional[bool] = ..., interval_seconds: _Optional[float] = ...) -> None: ...
+    triggered: GenerationReport
+    def __init__(self, running: _Optional[bool] = ..., current_task: _Optional[str] = ..., candidates_done: _Optional[int] = ..., candidates_total: _Optional[int] = ..., paused_for_load: _Optional[bool] = ..., generations: _Optional[int] = ..., recent: _Optional[_Iterable[_Union[GenerationReport, _Mapping]]] = ..., scheduler_enabled: _Optional[bool] = ..., interval_seconds: _Optional[float] = ..., triggered: _Optional[_Union[GenerationReport, _Mapping]] = ...) -> None: ...
 
 class ListVersionsRequest(_message.Message):
     __slots__ = ("task",)

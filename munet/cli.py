@@ -1,0 +1,497 @@
+"""`munet`: run the server, pretrain the root model, and talk to a running server over gRPC.
+
+    munet serve [--home DIR] [--grpc-port N] ...      the server (BentoML HTTP + our gRPC)
+    munet tasks register digits --builtin uci_digits  create a task
+    munet predict --task digits three.png             classify images
+    munet evolve --task digits --wait                 run a generation now and watch it
+
+Every client command takes `--target` (env MUNET_TARGET, default localhost:50051). A refused call
+prints `error: CODE: message` and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from munet.config import Config
+
+SPLIT_NAMES = {"train": 0, "validation": 1, "test": 2, "auto": -1}
+
+
+class CliError(Exception):
+    """A local problem (a missing file, a bad argument) reported like a server error."""
+
+
+# ---- output helpers -----------------------------------------------------------------------------
+
+
+def _print_json(obj: Any) -> None:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    elif isinstance(obj, list):
+        obj = [dataclasses.asdict(o) if dataclasses.is_dataclass(o) else o for o in obj]
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+def _describe_path(p: Any, indent: str = "  ") -> list[str]:
+    out = [
+        f"{indent}version {p.version} ({p.status}): validation {p.validation_accuracy:.4f}, "
+        + f"test {p.test_accuracy:.4f}, score {p.score:.4f}",
+        f"{indent}params {_params(p.params)} (accounted {_params(p.accounted_params)}, "
+        + f"added {_params(p.added_params)}), trained {p.training_seconds:.1f} s, created {p.created_at}",
+    ]
+    parents = ", ".join(f"v{v}" for v in p.parents) or "-"
+    out.append(f"{indent}from {p.parent_task or '-'} {parents}; mutations: {', '.join(p.mutations) or '-'}")
+    for i, m in enumerate(p.modules):
+        flags = " frozen" if m.frozen else ""
+        out.append(f"{indent}  {i:2d} {m.kind:8s} {m.id[:12]}  {_params(m.params):>8s}  "
+                   f"shared by {m.shared_by}{flags}")
+    return out
+
+
+def _describe_task(t: Any) -> str:
+    lines = [f"task {t.name} ({t.status}), source {t.source or '-'}, created {t.created_at}",
+             f"  labels ({len(t.labels)}): {', '.join(t.labels)}",
+             f"  examples: {t.train_examples} train, {t.validation_examples} validation, {t.test_examples} test",
+             f"  current version {t.current_version}"]
+    if t.path is not None:
+        lines += _describe_path(t.path, "    ")
+        if t.path.hyperparameters:
+            lines.append("    hyperparameters " + json.dumps(t.path.hyperparameters, sort_keys=True))
+    if len(t.lineage) > 1:
+        lines.append("  lineage: " + " -> ".join(f"v{p.version} ({p.score:.3f})" for p in t.lineage))
+    return "\n".join(lines)
+
+
+def _describe_status(s: Any) -> str:
+    state = "running" if s.running else "idle"
+    if s.running:
+        state += f" on {s.current_task or '?'}: {s.candidates_done}/{s.candidates_total} candidates"
+    if s.paused_for_load:
+        state += " (paused for serving load)"
+    sched = f"a generation every {s.interval_seconds:g} s" if s.scheduler_enabled else "on demand only"
+    lines = [f"evolution {state}; {s.generations} generations so far; {sched}"]
+    if s.recent:
+        rows = [[r.started_at, r.task, str(r.generation), str(r.candidates), f"{r.incumbent_score:.4f}",
+                 f"{r.best_score:.4f}", f"v{r.promoted_version}" if r.promoted else "-", f"{r.seconds:.1f}",
+                 r.error or ""] for r in s.recent[-10:]]
+        lines.append(_table(rows, ["STARTED", "TASK", "GEN", "CANDS", "INCUMBENT", "BEST", "PROMOTED",
+                                   "SECONDS", "ERROR"]))
+    return "\n".join(lines)
+
+
+# ---- local data ---------------------------------------------------------------------------------
+
+
+def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str]]:
+    """x, y, optional split and label names from a local .npz (the server's import format)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not {"x", "y"} <= set(z.files):
+                raise CliError(f"{path} must hold arrays 'x' and 'y'; it has {sorted(z.files)}")
+            split = z["split"] if "split" in z.files else None
+            names = [str(n) for n in z["label_names"]] if "label_names" in z.files else []
+            return z["x"], z["y"], split, names
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot read {path}: {e}") from None
+
+
+def _labels_arg(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from munet.client import MunetClient
+
+    return MunetClient(args.target, timeout=args.timeout)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = Config.from_args(args)
+    env = {**os.environ, **config.to_env()}
+    argv = [sys.executable, "-m", "bentoml", "serve", "munet.service.http:MunetService",
+            "--host", config.host, "--port", str(config.http_port)]
+    print(f"munet: HTTP on {config.host}:{config.http_port}, gRPC on {config.host}:{config.grpc_port}, "
+          f"store {config.home}", file=sys.stderr)
+    sys.stderr.flush()
+    os.execvpe(sys.executable, argv, env)
+    return 0  # not reached: the process is now BentoML
+
+
+BENCHES = {"quality": "quality", "serve": "serve", "prefix-cache": "prefix_cache"}
+
+
+def _delegate(module: str, what: str, argv: list[str]) -> int:
+    """Run another tool's `main(argv)`, imported only now (the benchmarks pull in heavy extras)."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is not None and module.startswith(e.name):
+            raise CliError(f"{what} is not available in this installation ({module} is missing)") from None
+        raise
+    return int(mod.main(argv) or 0)
+
+
+def _delegated(argv: list[str]) -> Callable[[], int] | None:
+    # these commands own their flags (`munet pretrain --epochs 3`, `munet bench serve --help`), which
+    # argparse would otherwise try to read as ours
+    if argv[:1] == ["pretrain"]:
+        return lambda: _delegate("munet.models.pretrain", "pretraining", argv[1:])
+    if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCHES:
+        return lambda: _delegate(f"munet.bench.{BENCHES[argv[1]]}", f"the {argv[1]} benchmark", argv[2:])
+    return None
+
+
+def cmd_tasks_register(args: argparse.Namespace) -> int:
+    labels = _labels_arg(args.labels)
+    examples = None
+    if args.upload:
+        x, y, split, names = _load_npz(args.upload)
+        labels = labels or names
+        examples = (x, y, split) if split is not None else (x, y)
+    with _client(args) as c:
+        t = c.register_task(args.name, labels=labels, builtin=args.builtin, npz_file=args.npz,
+                            examples=examples, max_examples=args.max_examples, seed=args.seed)
+    if args.json:
+        _print_json(t)
+    else:
+        print(_describe_task(t))
+    return 0
+
+
+def cmd_tasks_list(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        tasks = c.list_tasks()
+    if args.json:
+        _print_json(tasks)
+        return 0
+    rows = []
+    for t in tasks:
+        p = t.path
+        rows.append([t.name, str(t.current_version), str(len(t.labels)),
+                     f"{t.train_examples}/{t.validation_examples}/{t.test_examples}",
+                     f"{p.validation_accuracy:.4f}" if p else "-", f"{p.test_accuracy:.4f}" if p else "-",
+                     f"{p.score:.4f}" if p else "-", _params(p.params) if p else "-",
+                     _params(p.accounted_params) if p else "-", t.source])
+    print(_table(rows, ["NAME", "VERSION", "LABELS", "TRAIN/VAL/TEST", "VAL ACC", "TEST ACC", "SCORE",
+                        "PARAMS", "ACCOUNTED", "SOURCE"]) if rows else "no tasks")
+    return 0
+
+
+def cmd_tasks_get(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        t = c.get_task(args.name)
+    if args.json:
+        _print_json(t)
+    else:
+        print(_describe_task(t))
+    return 0
+
+
+def cmd_tasks_delete(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        print(f"deleted {c.delete_task(args.name)}")
+    return 0
+
+
+def cmd_tasks_versions(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        v = c.list_versions(args.name)
+    if args.json:
+        _print_json(v)
+        return 0
+    rows = [["*" if p.version == v.current_version else "", str(p.version), p.status,
+             f"{p.validation_accuracy:.4f}", f"{p.test_accuracy:.4f}", f"{p.score:.4f}", _params(p.params),
+             _params(p.accounted_params), f"{p.parent_task or '-'} " + ",".join(f"v{x}" for x in p.parents),
+             ",".join(p.mutations), p.created_at] for p in v.versions]
+    print(_table(rows, ["", "VERSION", "STATUS", "VAL ACC", "TEST ACC", "SCORE", "PARAMS", "ACCOUNTED",
+                        "PARENT", "MUTATIONS", "CREATED"]))
+    return 0
+
+
+def cmd_tasks_rollback(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        t = c.rollback(args.name, args.version)
+    print(f"task {t.name} now serves version {t.current_version}")
+    return 0
+
+
+def cmd_examples_add(args: argparse.Namespace) -> int:
+    if args.upload and args.images:
+        raise CliError("give either --upload FILE.npz or images with --label, not both")
+    with _client(args) as c:
+        if args.upload:
+            x, y, split, _ = _load_npz(args.upload)
+        elif args.images:
+            if args.label is None:
+                raise CliError("images need --label (an index or a label name)")
+            x, y, split = _images_as_examples(c, args)
+        else:
+            raise CliError("nothing to add: give --upload FILE.npz or image files with --label")
+        r = c.add_examples(args.task, x, y, split)
+    print(f"added {r.added} examples to {r.task} ({r.train} train, {r.validation} validation, {r.test} test); "
+          f"{r.total_examples} in all")
+    return 0
+
+
+def _images_as_examples(c: Any, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # decoded here with the server's own function, so images of mixed sizes stack into one batch
+    from munet.data.images import InvalidImage, decode_image
+
+    labels = c.get_task(args.task).labels
+    label = int(args.label) if args.label.isdigit() else labels.index(args.label) if args.label in labels else -1
+    if not 0 <= label < len(labels):
+        raise CliError(f"label {args.label!r} is not one of {labels} nor an index below {len(labels)}")
+    xs = []
+    for path in args.images:
+        try:
+            xs.append(decode_image(Path(path).read_bytes()))
+        except (OSError, InvalidImage) as e:
+            raise CliError(f"cannot read image {path}: {e}") from None
+    n = len(xs)
+    return np.stack(xs), np.full(n, label), np.full(n, SPLIT_NAMES[args.split])
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise CliError(f"no such file: {', '.join(missing)}")
+    with _client(args) as c:
+        r = c.predict(args.task, args.images, top_k=args.top_k)
+    if args.json:
+        _print_json({"task": r.task, "version": r.version,
+                     "predictions": [{"image": img, "top": [s._asdict() for s in p]}
+                                     for img, p in zip(args.images, r.predictions, strict=True)]})
+        return 0
+    print(f"task {r.task}, version {r.version}")
+    for img, p in zip(args.images, r.predictions, strict=True):
+        print(f"{img}: " + ", ".join(f"{s.label} ({s.probability:.3f})" for s in p))
+    return 0
+
+
+def cmd_evolve(args: argparse.Namespace) -> int:
+    wait = args.wait or args.generations > 1 or bool(args.plot)
+    reports = []
+    with _client(args) as c:
+        for _ in range(max(1, args.generations)):
+            generations = c.evolution_status().generations if wait else 0
+            s = c.trigger_evolution(args.task or "", args.candidates, args.budget, wait=False)
+            if wait:
+                s = _watch(c, s, generations)
+                if s.recent and s.generations > generations:
+                    reports.append(s.recent[-1])
+        print(_describe_status(s))
+        if args.plot:
+            _plot_generations(reports, args.plot)
+            print(f"wrote {args.plot}")
+    return 0
+
+
+def _plot_generations(reports: list, path: str) -> None:
+    """Score per generation: the incumbent's (before) and the best candidate's, promotions marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not reports:
+        raise CliError("no generation finished: nothing to plot")
+    x = list(range(1, len(reports) + 1))
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(x, [r.incumbent_score for r in reports], "o-", label="incumbent (before the generation)")
+    ax.plot(x, [r.best_score for r in reports], "s--", label="best candidate")
+    promoted = [(i, r.best_score) for i, r in zip(x, reports, strict=True) if r.promoted]
+    if promoted:
+        ax.scatter(*zip(*promoted, strict=True), s=120, facecolors="none", edgecolors="green", label="promoted")
+    tasks = sorted({r.task for r in reports})
+    ax.set(xlabel="generation", ylabel="score (validation accuracy x size penalty)",
+           title=f"munet evolution: {', '.join(tasks)}")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _watch(c: Any, s: Any, generations_before: int, poll_s: float = 0.5, start_timeout_s: float = 30.0) -> Any:
+    """Poll GetEvolutionStatus until the triggered generation ends, with a bar over its candidates.
+
+    Done when none is running and one ran (or finished) since the trigger; a trigger whose job never
+    starts (the task was deleted meanwhile) gives up after `start_timeout_s`.
+    """
+    from tqdm import tqdm
+
+    t0, seen_running = time.monotonic(), False
+    with tqdm(total=s.candidates_total or None, unit="candidate", file=sys.stderr, leave=False) as bar:
+        while True:
+            if s.running:
+                seen_running = True
+                if s.candidates_total and bar.total != s.candidates_total:
+                    bar.total = s.candidates_total
+                bar.set_description(f"evolving {s.current_task}")
+                bar.set_postfix_str("paused for serving load" if s.paused_for_load else "", refresh=False)
+                bar.update(s.candidates_done - bar.n)
+            elif seen_running or s.generations > generations_before or time.monotonic() - t0 > start_timeout_s:
+                return s
+            time.sleep(poll_s)
+            s = c.evolution_status()
+
+
+def cmd_evolution_status(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        s = c.evolution_status()
+    if args.json:
+        _print_json(s)
+    else:
+        print(_describe_status(s))
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        status = c.health(args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+# ---- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="munet", description="munet-serve: an evolving multitask inference server")
+    # client options work before the command (`munet --target h:p tasks list`) and after it; the
+    # subcommand copies default to SUPPRESS so they never overwrite a value given before the command
+    for target, suppress in ((parser, False), (client := argparse.ArgumentParser(add_help=False), True)):
+        target.add_argument("--target", default=argparse.SUPPRESS if suppress else
+                            os.environ.get("MUNET_TARGET", "localhost:50051"),
+                            help="gRPC address of the server (env MUNET_TARGET; default localhost:50051)")
+        target.add_argument("--timeout", type=float, default=argparse.SUPPRESS if suppress else 30.0,
+                            help="seconds per ordinary call (default 30)")
+        target.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                            help="print results as JSON")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the server (HTTP via BentoML, gRPC, evolution)")
+    Config.add_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+    # listed for --help only: main() hands their arguments to the tool before argparse sees them
+    p = sub.add_parser("pretrain", help="pretrain the root model (see `munet pretrain --help`)")
+    p.set_defaults(func=lambda a: _delegate("munet.models.pretrain", "pretraining", []))
+    # the benchmarks live in munet.bench.<name>, each with main(argv)
+    p = sub.add_parser("bench", help="benchmarks: quality (accuracy vs. baselines), serve (latency, throughput), "
+                                     "prefix-cache (what the frozen-prefix cache saves a candidate)")
+    p.add_argument("which", choices=list(BENCHES))
+    p.set_defaults(func=lambda a: _delegate(f"munet.bench.{BENCHES[a.which]}", f"the {a.which} benchmark", []))
+
+    tasks = sub.add_parser("tasks", help="create, inspect, delete and roll back tasks")
+    tsub = tasks.add_subparsers(dest="tasks_command", required=True, metavar="ACTION")
+    p = tsub.add_parser("register", parents=[client], help="create a task and train its first path")
+    p.add_argument("name")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--builtin", help="built-in data set: mnist, fashion_mnist, animal_shapes, uci_digits, "
+                                       "emoji_noto")
+    src.add_argument("--npz", metavar="FILE_ON_SERVER", help="an .npz file in the server's import directory")
+    src.add_argument("--upload", metavar="LOCAL.npz", help="a local .npz (x, y[, split, label_names]) to stream")
+    p.add_argument("--labels", help="comma-separated label names (default: the data set's)")
+    p.add_argument("--max-examples", type=int, default=0, help="take at most this many examples (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tasks_register)
+    p = tsub.add_parser("list", parents=[client], help="all tasks, one line each")
+    p.set_defaults(func=cmd_tasks_list)
+    for name, func, text in (("get", cmd_tasks_get, "one task in detail"), ("delete", cmd_tasks_delete,
+                             "delete a task and its examples"), ("versions", cmd_tasks_versions,
+                             "a task's stored path versions")):
+        p = tsub.add_parser(name, parents=[client], help=text)
+        p.add_argument("name")
+        p.set_defaults(func=func)
+    p = tsub.add_parser("rollback", parents=[client], help="serve an earlier version again")
+    p.add_argument("name")
+    p.add_argument("--version", type=int, default=0, help="version to serve (0: the one before the current)")
+    p.set_defaults(func=cmd_tasks_rollback)
+
+    examples = sub.add_parser("examples", help="add labelled examples to a live task")
+    esub = examples.add_subparsers(dest="examples_command", required=True, metavar="ACTION")
+    p = esub.add_parser("add", parents=[client], help="add examples from a local .npz or image files")
+    p.add_argument("--task", required=True)
+    p.add_argument("--upload", metavar="LOCAL.npz")
+    p.add_argument("--label", help="label (index or name) of every image given")
+    p.add_argument("--split", choices=list(SPLIT_NAMES), default="auto", help="split of the images given")
+    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.set_defaults(func=cmd_examples_add)
+
+    p = sub.add_parser("predict", parents=[client], help="classify image files")
+    p.add_argument("--task", required=True)
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evolve", parents=[client], help="run an evolution generation now")
+    p.add_argument("--task", help="task to evolve (default: the scheduler's next pick)")
+    p.add_argument("--candidates", type=int, default=0, help="candidates to train (0: configured)")
+    p.add_argument("--budget", type=float, default=0.0, help="seconds per candidate (0: configured)")
+    p.add_argument("--wait", action="store_true", help="show progress until the generation ends")
+    p.add_argument("--generations", type=int, default=1, help="run this many generations, one after another")
+    p.add_argument("--plot", metavar="PNG", help="write a plot of the score per generation (implies --wait)")
+    p.set_defaults(func=cmd_evolve)
+
+    evo = sub.add_parser("evolution", help="evolution state")
+    vsub = evo.add_subparsers(dest="evolution_command", required=True, metavar="ACTION")
+    p = vsub.add_parser("status", parents=[client], help="running generation and recent reports")
+    p.set_defaults(func=cmd_evolution_status)
+
+    p = sub.add_parser("health", parents=[client], help="grpc.health.v1 check (exit 0 when SERVING)")
+    p.add_argument("--service", default="", help='service name ("" is the whole server)')
+    p.set_defaults(func=cmd_health)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from munet.client import MunetClientError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        delegated = _delegated(argv)
+        if delegated is not None:
+            return delegated()
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except MunetClientError as e:
+        print(f"error: {e.code}: {e.message}", file=sys.stderr)
+        return 1
+    except (CliError, ValueError, OSError) as e:
+        # local problems (a missing file, an array of the wrong shape): no traceback, same exit status
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,412 @@
+"""A typed, synchronous client for the munet.v1.Munet gRPC API.
+
+    with MunetClient("localhost:50051") as c:
+        c.register_task("digits", builtin="uci_digits", max_examples=600)
+        result = c.predict("digits", ["three.png"], top_k=3)
+        print(result.predictions[0][0].label)
+
+Every method returns plain dataclasses, never protos, and raises `MunetClientError` (with the gRPC
+status code's name) for anything the server refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Self, TypeVar
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from munet.v1 import munet_pb2 as pb
+from munet.v1 import munet_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "localhost:50051"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# core/npz split codes (0 train, 1 validation, 2 test, -1 let the server choose) -> proto Split
+_SPLITS = {-1: pb.SPLIT_UNSPECIFIED, 0: pb.SPLIT_TRAIN, 1: pb.SPLIT_VALIDATION, 2: pb.SPLIT_TEST}
+
+ImageLike = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray
+T = TypeVar("T")
+
+
+class MunetClientError(Exception):
+    """The server (or the channel) refused a call; `code` is the gRPC status code's name."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+# ---- results ------------------------------------------------------------------------------------
+
+
+class LabelScore(NamedTuple):
+    label: str
+    index: int
+    probability: float
+
+
+@dataclass
+class PredictResult:
+    task: str
+    version: int
+    predictions: list[list[LabelScore]]  # per image, best first
+
+
+@dataclass
+class ModuleInfo:
+    id: str
+    kind: str
+    params: int
+    shared_by: int
+    frozen: bool
+
+
+@dataclass
+class PathVersion:
+    version: int
+    modules: list[ModuleInfo]
+    validation_accuracy: float
+    test_accuracy: float
+    score: float
+    params: int
+    accounted_params: int
+    added_params: int
+    parents: list[int]
+    parent_task: str
+    mutations: list[str]
+    hyperparameters: dict
+    training_seconds: float
+    created_at: str
+    status: str
+    training_steps: int = 0
+    training_examples: int = 0
+
+
+@dataclass
+class Task:
+    name: str
+    labels: list[str]
+    status: str
+    current_version: int
+    path: PathVersion | None
+    train_examples: int
+    validation_examples: int
+    test_examples: int
+    source: str
+    created_at: str
+    lineage: list[PathVersion] = field(default_factory=list)
+
+
+@dataclass
+class Versions:
+    task: str
+    current_version: int
+    versions: list[PathVersion]
+
+
+@dataclass
+class AddExamplesResult:
+    task: str
+    added: int
+    train: int
+    validation: int
+    test: int
+    total_examples: int
+
+
+@dataclass
+class GenerationReport:
+    task: str
+    generation: int
+    candidates: int
+    best_score: float
+    incumbent_score: float
+    promoted: bool
+    promoted_version: int
+    error: str
+    started_at: str
+    seconds: float
+    examples_processed: int = 0
+
+
+@dataclass
+class EvolutionStatus:
+    running: bool
+    current_task: str
+    candidates_done: int
+    candidates_total: int
+    paused_for_load: bool
+    generations: int
+    recent: list[GenerationReport]
+    scheduler_enabled: bool
+    interval_seconds: float
+    triggered: GenerationReport | None = None  # the generation a waiting TriggerEvolution ran
+
+
+def _path(m: pb.PathVersion) -> PathVersion:
+    return PathVersion(
+        version=m.version,
+        modules=[ModuleInfo(x.id, x.kind, x.params, x.shared_by, x.frozen) for x in m.modules],
+        validation_accuracy=m.validation_accuracy, test_accuracy=m.test_accuracy, score=m.score,
+        params=m.params, accounted_params=m.accounted_params, added_params=m.added_params,
+        parents=list(m.parents), parent_task=m.parent_task, mutations=list(m.mutations),
+        hyperparameters=json.loads(m.hyperparameters_json) if m.hyperparameters_json else {},
+        training_seconds=m.training_seconds, created_at=m.created_at, status=m.status,
+        training_steps=m.training_steps, training_examples=m.training_examples,
+    )
+
+
+def _task(m: pb.Task) -> Task:
+    return Task(
+        name=m.name, labels=list(m.labels), status=m.status, current_version=m.current_version,
+        path=_path(m.path) if m.HasField("path") else None, train_examples=m.train_examples,
+        validation_examples=m.validation_examples, test_examples=m.test_examples, source=m.source,
+        created_at=m.created_at, lineage=[_path(p) for p in m.lineage],
+    )
+
+
+def _evolution(m: pb.EvolutionStatus) -> EvolutionStatus:
+    return EvolutionStatus(
+        running=m.running, current_task=m.current_task, candidates_done=m.candidates_done,
+        candidates_total=m.candidates_total, paused_for_load=m.paused_for_load, generations=m.generations,
+        recent=[_report(r) for r in m.recent],
+        scheduler_enabled=m.scheduler_enabled, interval_seconds=m.interval_seconds,
+        triggered=_report(m.triggered) if m.HasField("triggered") else None,
+    )
+
+
+def _report(r: pb.GenerationReport) -> GenerationReport:
+    return GenerationReport(r.task, r.generation, r.candidates, r.best_score, r.incumbent_score, r.promoted,
+                            r.promoted_version, r.error, r.started_at, r.seconds, r.examples_processed)
+
+
+# ---- images -------------------------------------------------------------------------------------
+
+
+def _as_uint8(arr: np.ndarray) -> np.ndarray:
+    # the same conversion the server applies to .npz files, so an upload and a file agree
+    if arr.dtype == np.uint8:
+        return arr
+    if np.issubdtype(arr.dtype, np.floating) and np.isfinite(arr).all() and arr.size and \
+            0.0 <= float(arr.min()) and float(arr.max()) <= 1.0:
+        return np.rint(arr * 255.0).astype(np.uint8)
+    raise ValueError(f"image arrays must be uint8 or float in [0, 1]; got {arr.dtype}")
+
+
+def raw_image(arr: np.ndarray) -> pb.Image:
+    """A (H, W) or (H, W, C) array as a RawImage (row-major HWC uint8)."""
+    arr = _as_uint8(np.asarray(arr))
+    if arr.ndim == 2:
+        h, w, c = *arr.shape, 1
+    elif arr.ndim == 3:
+        h, w, c = arr.shape
+    else:
+        raise ValueError(f"an image array must be (H, W) or (H, W, C); got shape {arr.shape}")
+    return pb.Image(raw=pb.RawImage(data=np.ascontiguousarray(arr).tobytes(), height=h, width=w, channels=c))
+
+
+def to_image(item: ImageLike) -> pb.Image:
+    """A file path, encoded bytes (PNG, JPEG, ...) or a pixel array -> Image."""
+    if isinstance(item, np.ndarray):
+        return raw_image(item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return pb.Image(encoded=bytes(item))
+    if isinstance(item, (str, os.PathLike)):
+        return pb.Image(encoded=Path(item).read_bytes())
+    raise TypeError(f"cannot send {type(item).__name__} as an image; give a path, bytes or a numpy array")
+
+
+def to_images(images: ImageLike | Iterable[ImageLike]) -> list[pb.Image]:
+    """One image or many. A bare array of ndim 3 or 4 is a batch, (N, H, W) or (N, H, W, C), as in .npz
+    files; to send one colour image wrap it in a list."""
+    if isinstance(images, np.ndarray):
+        if images.ndim == 2:
+            return [raw_image(images)]
+        if images.ndim in (3, 4):
+            return [raw_image(a) for a in images]
+        raise ValueError(f"an image batch must be (N, H, W) or (N, H, W, C); got shape {images.shape}")
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)):
+        return [to_image(images)]
+    return [to_image(i) for i in images]
+
+
+def check_examples(x: np.ndarray, y: Sequence[int] | np.ndarray, split: Sequence[int] | np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate labelled images up front: an error raised while a stream is being sent would only
+    reach the caller as a cancelled call."""
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.ndim not in (3, 4) or len(x) != len(y) or y.ndim != 1:
+        raise ValueError(f"x must be (N, H, W) or (N, H, W, C) and y (N,); got {x.shape} and {y.shape}")
+    if len(y) and not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels y must be integers, got {y.dtype}")
+    if (y < 0).any():
+        raise ValueError("labels must be non-negative indices into the task's labels")
+    s = np.full(len(y), -1) if split is None else np.asarray(split)
+    if s.shape != y.shape:
+        raise ValueError(f"split must be (N,) like y; got {s.shape}")
+    if not np.isin(s, list(_SPLITS)).all():
+        raise ValueError("split codes must be 0 (train), 1 (validation), 2 (test) or -1 (server's choice)")
+    return _as_uint8(x), y, s
+
+
+def example_batches(x: np.ndarray, y: Sequence[int] | np.ndarray, split: Sequence[int] | np.ndarray | None,
+                    chunk: int) -> Iterator[pb.ExampleBatch]:
+    """Labelled images as ExampleBatch messages of at most `chunk` images, built as they are sent."""
+    x, y, s = check_examples(x, y, split)
+    chunk = max(1, int(chunk))
+
+    def gen() -> Iterator[pb.ExampleBatch]:
+        for start in range(0, len(y), chunk):
+            batch = pb.ExampleBatch()
+            for i in range(start, min(start + chunk, len(y))):
+                batch.examples.add(image=raw_image(x[i]), label=int(y[i]), split=_SPLITS[int(s[i])])
+            yield batch
+
+    return gen()
+
+
+# ---- client -------------------------------------------------------------------------------------
+
+
+class MunetClient:
+    """Synchronous client. `timeout` bounds ordinary calls; `long_timeout` bounds the ones that train
+    (RegisterTask, Rollback, TriggerEvolution with wait)."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, timeout: float = 30.0, long_timeout: float = 1800.0):
+        self.target = target
+        self.timeout = timeout
+        self.long_timeout = long_timeout
+        self._channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ])
+        self._stub = pb_grpc.MunetStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the channel connects (for scripts that start the server themselves)."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise MunetClientError("UNAVAILABLE", f"no server at {self.target} after {timeout:.0f} s") from None
+
+    def _call(self, rpc: Callable[..., T], request: Any, timeout: float | None) -> T:
+        try:
+            return rpc(request, timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+            details = e.details() if hasattr(e, "details") else str(e)
+            raise MunetClientError(code.name if code else "UNKNOWN", details or "") from None
+
+    # ---- predict ----------------------------------------------------------------------------
+
+    def predict(self, task: str, images: ImageLike | Iterable[ImageLike], top_k: int = 1,
+                timeout: float | None = None) -> PredictResult:
+        resp = self._call(self._stub.Predict, pb.PredictRequest(task=task, images=to_images(images), top_k=top_k),
+                          timeout)
+        return PredictResult(resp.task, resp.path_version,
+                             [[LabelScore(s.label, s.index, s.probability) for s in p.top] for p in resp.predictions])
+
+    # ---- tasks ------------------------------------------------------------------------------
+
+    def register_task(self, name: str, labels: Sequence[str] | None = None, builtin: str | None = None,
+                      npz_file: str | None = None,
+                      examples: tuple[np.ndarray, Sequence[int]] | tuple[np.ndarray, Sequence[int], Any] | None = None,
+                      max_examples: int = 0, seed: int = 0, chunk: int = 256, validation_fraction: float = 0.0,
+                      test_fraction: float = 0.0, timeout: float | None = None) -> Task:
+        """Create a task from a built-in data set, a file in the server's import directory and/or
+        uploaded `(x, y[, split])` examples (streamed in `chunk`-image messages). Blocks while the
+        server trains the task's first path."""
+        spec = pb.TaskSpec(name=name, labels=list(labels or []), max_examples=max_examples, seed=seed,
+                           validation_fraction=validation_fraction, test_fraction=test_fraction)
+        if builtin:
+            spec.builtin = builtin
+        if npz_file:
+            spec.npz_file = npz_file
+        batches: Iterator[pb.ExampleBatch] = iter(())
+        if examples is not None:
+            x, y, *rest = examples
+            batches = example_batches(x, y, rest[0] if rest else None, chunk)
+
+        def messages() -> Iterator[pb.RegisterTaskRequest]:
+            yield pb.RegisterTaskRequest(spec=spec)
+            for b in batches:
+                yield pb.RegisterTaskRequest(examples=b)
+
+        return _task(self._call(self._stub.RegisterTask, messages(),
+                                timeout if timeout is not None else self.long_timeout))
+
+    def add_examples(self, task: str, x: np.ndarray, y: Sequence[int] | np.ndarray,
+                     split: Sequence[int] | np.ndarray | None = None, chunk: int = 256,
+                     timeout: float | None = None) -> AddExamplesResult:
+        batches = example_batches(x, y, split, chunk)
+
+        def messages() -> Iterator[pb.AddExamplesRequest]:
+            first = True
+            for b in batches:
+                yield pb.AddExamplesRequest(task=task if first else "", examples=b)
+                first = False
+            if first:  # no examples: still name the task, so the server says what is wrong
+                yield pb.AddExamplesRequest(task=task)
+
+        r = self._call(self._stub.AddExamples, messages(), timeout)
+        return AddExamplesResult(r.task, r.added, r.train, r.validation, r.test, r.total_examples)
+
+    def list_tasks(self, timeout: float | None = None) -> list[Task]:
+        return [_task(t) for t in self._call(self._stub.ListTasks, pb.ListTasksRequest(), timeout).tasks]
+
+    def get_task(self, name: str, timeout: float | None = None) -> Task:
+        return _task(self._call(self._stub.GetTask, pb.GetTaskRequest(name=name), timeout))
+
+    def delete_task(self, name: str, timeout: float | None = None) -> str:
+        return self._call(self._stub.DeleteTask, pb.DeleteTaskRequest(name=name), timeout).name
+
+    # ---- versions and evolution -------------------------------------------------------------
+
+    def list_versions(self, task: str, timeout: float | None = None) -> Versions:
+        r = self._call(self._stub.ListVersions, pb.ListVersionsRequest(task=task), timeout)
+        return Versions(r.task, r.current_version, [_path(v) for v in r.versions])
+
+    def rollback(self, task: str, version: int = 0, timeout: float | None = None) -> Task:
+        """Serve an earlier version again (0: the one before the current)."""
+        return _task(self._call(self._stub.Rollback, pb.RollbackRequest(task=task, version=version),
+                                timeout if timeout is not None else self.long_timeout))
+
+    def trigger_evolution(self, task: str = "", candidates: int = 0, budget_seconds: float = 0.0,
+                          wait: bool = False, timeout: float | None = None) -> EvolutionStatus:
+        req = pb.TriggerEvolutionRequest(task=task, candidates=candidates, budget_seconds=budget_seconds,
+                                         wait=wait)
+        if timeout is None and wait:
+            timeout = self.long_timeout
+        return _evolution(self._call(self._stub.TriggerEvolution, req, timeout))
+
+    def evolution_status(self, timeout: float | None = None) -> EvolutionStatus:
+        return _evolution(self._call(self._stub.GetEvolutionStatus, pb.GetEvolutionStatusRequest(), timeout))
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The grpc.health.v1 status name: SERVING, NOT_SERVING, ... ("" is the whole server)."""
+        r = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+
+__all__ = ["DEFAULT_TARGET", "AddExamplesResult", "EvolutionStatus", "GenerationReport", "LabelScore",
+           "ModuleInfo", "MunetClient", "MunetClientError", "PathVersion", "PredictResult", "Task", "Versions",
+           "check_examples", "example_batches", "raw_image", "to_image", "to_images"]

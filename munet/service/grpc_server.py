@@ -1,0 +1,394 @@
+"""The gRPC transport: `munet.v1.Munet` on grpc.aio, plus the standard health and reflection services.
+
+Handlers only translate between protos and core types and map errors to status codes; every rule
+lives in `munet.service.core.Core`. Blocking core calls (SQLite, training, ONNX export) run in worker
+threads so one slow registration never stalls Predict on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf import descriptor as _descriptor
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from munet import metrics
+from munet.config import Config
+from munet.errors import FailedPrecondition, InvalidArgument, MunetError
+from munet.service.core import UNSPECIFIED, Core, Examples, ImageInput, TaskSpec
+from munet.v1 import munet_pb2 as pb
+from munet.v1 import munet_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Munet"].full_name  # "munet.v1.Munet"
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# proto Split -> core split code; an enum value this table lacks is a client error, not a default
+_SPLITS = {pb.SPLIT_UNSPECIFIED: UNSPECIFIED, pb.SPLIT_TRAIN: 0, pb.SPLIT_VALIDATION: 1, pb.SPLIT_TEST: 2}
+_DEFAULT_FRACTION = 0.1  # proto3 floats have no presence: 0 means "the default", as the proto says
+
+_M = TypeVar("_M", bound=Message)
+
+
+class Evolution(Protocol):
+    """What the servicer needs from the evolution engine (munet.evolution), which it never imports."""
+
+    def trigger(self, task: str | None, candidates: int, budget_s: float, wait: bool) -> Any: ...
+
+    def status(self) -> dict: ...
+
+
+# ---- dict -> proto ------------------------------------------------------------------------------
+
+
+def _scalar(field: _descriptor.FieldDescriptor, value: Any) -> Any:
+    t = field.type
+    if t == field.TYPE_STRING:
+        return value.isoformat() if isinstance(value, datetime) else str(value)
+    if t == field.TYPE_BOOL:
+        return bool(value)
+    if t in (field.TYPE_DOUBLE, field.TYPE_FLOAT):
+        return float(value)
+    if t == field.TYPE_BYTES:
+        return bytes(value)
+    return int(value)
+
+
+def to_message(cls: type[_M], d: dict) -> _M:
+    """Fill a message from a core view dict whose keys are the message's field names.
+
+    Keys the message lacks are ignored and None leaves a field unset, so a view may carry extras.
+    `hyperparameters` (a dict) becomes `hyperparameters_json`.
+    """
+    msg = cls()
+    if "hyperparameters" in d and "hyperparameters_json" in cls.DESCRIPTOR.fields_by_name:
+        d = {**d, "hyperparameters_json": json.dumps(d["hyperparameters"] or {}, sort_keys=True)}
+    for f in cls.DESCRIPTOR.fields:
+        v = d.get(f.name)
+        if v is None:
+            continue
+        repeated = f.is_repeated
+        if f.message_type is not None:
+            sub = getattr(pb, f.message_type.name)
+            if repeated:
+                getattr(msg, f.name).extend(to_message(sub, x) for x in v)
+            else:
+                getattr(msg, f.name).CopyFrom(to_message(sub, v))
+        elif repeated:
+            getattr(msg, f.name).extend(_scalar(f, x) for x in v)
+        else:
+            setattr(msg, f.name, _scalar(f, v))
+    return msg
+
+
+# ---- proto -> core ------------------------------------------------------------------------------
+
+
+def image_input(im: pb.Image) -> ImageInput:
+    kind = im.WhichOneof("data")
+    if kind == "encoded":
+        return ImageInput(encoded=im.encoded)
+    if kind == "raw":
+        r = im.raw
+        return ImageInput(raw=r.data, height=r.height, width=r.width, channels=r.channels)
+    return ImageInput()  # the core rejects it with the image's index in the message
+
+
+def task_spec(s: pb.TaskSpec) -> TaskSpec:
+    source = s.WhichOneof("source")
+    return TaskSpec(
+        name=s.name, labels=list(s.labels),
+        builtin=s.builtin if source == "builtin" else None,
+        npz_file=s.npz_file if source == "npz_file" else None,
+        max_examples=s.max_examples,
+        validation_fraction=s.validation_fraction or _DEFAULT_FRACTION,
+        test_fraction=s.test_fraction or _DEFAULT_FRACTION,
+        seed=s.seed,
+    )
+
+
+def decode_batch(core: Core, batch: pb.ExampleBatch, index: int) -> Examples:
+    """One streamed ExampleBatch -> Examples in the model's format (CPU-bound: run it in a thread)."""
+    n = len(batch.examples)
+    split = np.empty(n, np.int8)
+    for i, ex in enumerate(batch.examples):
+        code = _SPLITS.get(ex.split)
+        if code is None:
+            raise InvalidArgument(f"batch {index}, example {i}: unknown split value {ex.split}")
+        split[i] = code
+    y = np.fromiter((ex.label for ex in batch.examples), np.int64, n)
+    # core.decode caps images per call at the Predict limit; an upload batch may legitimately be larger
+    step = max(1, core.config.max_request_images)
+    parts = []
+    for start in range(0, n, step):
+        inputs = [image_input(ex.image) for ex in batch.examples[start:start + step]]
+        try:
+            parts.append(core.decode(inputs))
+        except InvalidArgument as e:
+            raise InvalidArgument(f"batch {index} (from example {start}): {e.message}") from None
+    return Examples(np.concatenate(parts), y, split)
+
+
+# ---- servicer -----------------------------------------------------------------------------------
+
+
+def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Map core errors to their status codes and anything unexpected to INTERNAL, never to a crash."""
+
+    @functools.wraps(method)
+    async def wrapper(self: MunetServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except MunetError as e:
+            await context.abort(grpc.StatusCode.__members__.get(e.code, grpc.StatusCode.INTERNAL), e.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            log.exception("%s failed", method.__name__)
+            # the client gets the exception type and text, not the traceback (that is in the log)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: "
+                                                          f"{type(e).__name__}: {str(e)[:200]}")
+
+    return wrapper
+
+
+class MunetServicer(pb_grpc.MunetServicer):
+    def __init__(self, core: Core, evolution: Evolution | None = None):
+        self.core = core
+        self.evolution = evolution
+
+    # ---- predict ----------------------------------------------------------------------------
+
+    def _metric_task(self, task: str) -> str:
+        # only names the server serves become label values: arbitrary client strings would make
+        # the metric's label set (and Prometheus' memory) unbounded
+        if not task:
+            return "-"
+        return task if self.core.runtime.get(task) is not None else "unknown"
+
+    @_rpc
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        t0 = time.perf_counter()
+        code = "INTERNAL"
+        try:
+            path, preds = await self.core.predict(request.task, [image_input(im) for im in request.images],
+                                                  request.top_k)
+            resp = pb.PredictResponse(task=request.task, path_version=path.version)
+            for p in preds:
+                resp.predictions.add().top.extend(
+                    pb.LabelScore(label=label, index=index, probability=prob) for label, index, prob in p.top)
+            code = "OK"
+            return resp
+        except MunetError as e:
+            code = e.code
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            task = self._metric_task(request.task)
+            metrics.REQUESTS.labels(task, "grpc", code).inc()
+            metrics.LATENCY.labels(task, "grpc").observe(time.perf_counter() - t0)
+
+    # ---- tasks ------------------------------------------------------------------------------
+
+    async def _decode_stream(self, batches: AsyncIterator[pb.ExampleBatch]) -> list[Examples]:
+        """Decode streamed ExampleBatch messages, refusing more examples than a task may hold."""
+        limit = self.core.config.max_examples_per_task
+        parts: list[Examples] = []
+        seen = 0
+        index = 0
+        async for batch in batches:
+            index += 1
+            if not batch.examples:
+                continue
+            seen += len(batch.examples)
+            # checked per message so an oversized upload is refused before it is all in memory
+            if seen > limit:
+                raise InvalidArgument(f"more than {limit} examples streamed; this server takes at most "
+                                      f"{limit} per task")
+            parts.append(await asyncio.to_thread(decode_batch, self.core, batch, index - 1))
+        return parts
+
+    @_rpc
+    async def RegisterTask(self, request_iterator: AsyncIterator[pb.RegisterTaskRequest],
+                           context: grpc.aio.ServicerContext) -> pb.Task:
+        stream = aiter(request_iterator)
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            raise InvalidArgument("the RegisterTask stream is empty; its first message must carry the spec") \
+                from None
+        if first.WhichOneof("item") != "spec":
+            raise InvalidArgument("the first RegisterTask message must carry the spec, not examples")
+        spec = task_spec(first.spec)
+
+        async def batches() -> AsyncIterator[pb.ExampleBatch]:
+            async for req in stream:
+                if req.WhichOneof("item") == "spec":
+                    raise InvalidArgument("only the first RegisterTask message may carry a spec")
+                if req.HasField("examples"):
+                    yield req.examples
+
+        parts = await self._decode_stream(batches())
+        rec = await asyncio.to_thread(self.core.register_task, spec, parts)
+        return to_message(pb.Task, await asyncio.to_thread(self.core.task_view, rec.name))
+
+    @_rpc
+    async def AddExamples(self, request_iterator: AsyncIterator[pb.AddExamplesRequest],
+                          context: grpc.aio.ServicerContext) -> pb.AddExamplesResponse:
+        stream = aiter(request_iterator)
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            raise InvalidArgument("the AddExamples stream is empty") from None
+        task = first.task
+        if not task:
+            raise InvalidArgument("the first AddExamples message must name the task")
+        # NOT_FOUND before the client streams (and we decode) the whole upload
+        await asyncio.to_thread(self.core.store.get_task, task)
+
+        async def batches() -> AsyncIterator[pb.ExampleBatch]:
+            yield first.examples
+            async for req in stream:
+                yield req.examples
+
+        parts = await self._decode_stream(batches())
+        # one core call for the whole stream: the examples are stored as one batch, or not at all
+        examples = Examples.concat(parts)
+        counts = await asyncio.to_thread(self.core.add_examples, task, examples)
+        totals = await asyncio.to_thread(self.core.store.example_counts, task)
+        return pb.AddExamplesResponse(
+            task=task, added=len(examples.y), train=counts.get("train", 0),
+            validation=counts.get("validation", 0), test=counts.get("test", 0),
+            total_examples=sum(totals.values()))
+
+    @_rpc
+    async def ListTasks(self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext
+                        ) -> pb.ListTasksResponse:
+        views = await asyncio.to_thread(self.core.list_task_views)
+        return pb.ListTasksResponse(tasks=[to_message(pb.Task, v) for v in views])
+
+    @_rpc
+    async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.Task:
+        return to_message(pb.Task, await asyncio.to_thread(self.core.task_view, request.name))
+
+    @_rpc
+    async def DeleteTask(self, request: pb.DeleteTaskRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.DeleteTaskResponse:
+        await asyncio.to_thread(self.core.delete_task, request.name)
+        return pb.DeleteTaskResponse(name=request.name)
+
+    # ---- versions ---------------------------------------------------------------------------
+
+    @_rpc
+    async def ListVersions(self, request: pb.ListVersionsRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.ListVersionsResponse:
+        current, versions = await asyncio.to_thread(self.core.list_versions, request.task)
+        return pb.ListVersionsResponse(task=request.task, current_version=current,
+                                       versions=[to_message(pb.PathVersion, v) for v in versions])
+
+    @_rpc
+    async def Rollback(self, request: pb.RollbackRequest, context: grpc.aio.ServicerContext) -> pb.Task:
+        # rollback exports and parity-checks the old version: seconds, so off the event loop
+        return to_message(pb.Task, await asyncio.to_thread(self.core.rollback, request.task, request.version))
+
+    # ---- evolution --------------------------------------------------------------------------
+
+    def _require_evolution(self) -> Evolution:
+        if self.evolution is None:
+            raise FailedPrecondition("evolution is disabled on this server")
+        return self.evolution
+
+    @_rpc
+    async def TriggerEvolution(self, request: pb.TriggerEvolutionRequest, context: grpc.aio.ServicerContext
+                               ) -> pb.EvolutionStatus:
+        evo = self._require_evolution()
+        # a coroutine trigger is awaited here; a plain one must return quickly (or return an
+        # awaitable for the wait), because it runs on the event loop that serves Predict
+        result = evo.trigger(request.task or None, request.candidates, request.budget_seconds, request.wait)
+        if inspect.isawaitable(result):
+            result = await result
+        return to_message(pb.EvolutionStatus, result)
+
+    @_rpc
+    async def GetEvolutionStatus(self, request: pb.GetEvolutionStatusRequest,
+                                 context: grpc.aio.ServicerContext) -> pb.EvolutionStatus:
+        result = self._require_evolution().status()
+        if inspect.isawaitable(result):
+            result = await result
+        return to_message(pb.EvolutionStatus, result)
+
+
+# ---- server -------------------------------------------------------------------------------------
+
+
+class Health(health_aio.HealthServicer):
+    """grpc.health.v1 with the Munet service SERVING from the start, and a graceful-shutdown switch."""
+
+    def __init__(self, services: tuple[str, ...] = ("", SERVICE_NAME)):
+        super().__init__()
+        # the server is built outside any coroutine, and the base class's `set` is one; before the
+        # server starts nobody can be watching, so writing the status table directly is the same
+        for s in services:
+            self._server_status[s] = health_pb2.HealthCheckResponse.SERVING
+
+    async def shutting_down(self) -> None:
+        """Report NOT_SERVING for every service from now on (load balancers stop sending work)."""
+        await self.enter_graceful_shutdown()
+
+
+def create_grpc_server(core: Core, evolution: Evolution | None, config: Config,
+                       address: str | None = None) -> tuple[grpc.aio.Server, int]:
+    """Build (not start) the gRPC server; returns it and the bound port (an ephemeral one for port 0).
+
+    The health servicer is reachable as `server.munet_health` (see `stop_grpc_server`).
+    """
+    server = grpc.aio.server(options=[
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        # without this a second server on the same port would silently share its traffic
+        ("grpc.so_reuseport", 0),
+    ])
+    pb_grpc.add_MunetServicer_to_server(MunetServicer(core, evolution), server)
+    health = Health()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = address or f"{config.host}:{config.grpc_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise OSError(f"cannot bind the gRPC server to {address} (is another server using the port?): {e}") \
+            from None
+    if port == 0:
+        raise OSError(f"cannot bind the gRPC server to {address} (is another server using the port?)")
+    server.munet_health = health  # type: ignore[attr-defined]
+    log.info("gRPC server bound to %s (port %d)", address, port)
+    return server, port
+
+
+async def stop_grpc_server(server: grpc.aio.Server, grace: float | None = 5.0) -> None:
+    """Graceful stop: health goes NOT_SERVING first, then in-flight RPCs get `grace` seconds."""
+    health: Health | None = getattr(server, "munet_health", None)
+    if health is not None:
+        await health.shutting_down()
+    await server.stop(grace)
+
+
+__all__ = ["SERVICE_NAME", "Health", "MunetServicer", "create_grpc_server", "decode_batch", "image_input",
+           "stop_grpc_server", "task_spec", "to_message"]

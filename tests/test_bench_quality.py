@@ -1,0 +1,46 @@
+"""`munet bench quality --quick` end to end: two tiny tasks, three methods, the bit-identity check."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from munet.bench import quality
+from munet.data.builtin import available_builtins
+from munet.models.root import ASSETS
+
+pytestmark = pytest.mark.slow
+
+
+def _root_available() -> bool:
+    d = os.environ.get("MUNET_ROOT_DIR")
+    return (ASSETS / "root.safetensors").is_file() or bool(d and os.path.isfile(os.path.join(d, "root.safetensors")))
+
+
+@pytest.mark.timeout(600)  # a hang guard; the run itself takes about a minute on 2 cores
+def test_quick_run_reports_every_method_for_every_task(tmp_path):
+    if not _root_available():
+        pytest.skip("no root checkpoint (munet/assets or MUNET_ROOT_DIR)")
+    missing = [t for t in quality.QUICK_TASKS if t not in available_builtins()]
+    if missing:
+        pytest.skip(f"data not installed: {missing}")
+
+    assert quality.main(["--quick", "--out", str(tmp_path)]) == 0
+
+    written = {p.suffix: p for p in tmp_path.iterdir()}
+    assert {".json", ".md", ".png"} <= set(written)
+    r = json.loads(written[".json"].read_text())
+    assert r["tasks"] == quality.QUICK_TASKS
+    for task in quality.QUICK_TASKS:
+        row = r["results"][task]
+        for method in quality.METHODS:
+            acc = row[method]["test_accuracy"]
+            assert isinstance(acc, float) and not math.isnan(acc) and 0.0 <= acc <= 1.0, (task, method, acc)
+        assert isinstance(row["identity"]["bit_identical"], bool)
+        assert row["identity"]["inputs"] > 0
+    assert r["summary"]["identity_checked"] == len(quality.QUICK_TASKS)
+    md = written[".md"].read_text()
+    assert "| **average** |" in md and "target met" in md.lower()

@@ -1,0 +1,77 @@
+"""`munet bench serve --quick` end to end: every row measured, a clean promotion, nothing left running.
+
+Numbers are not checked against the targets here (this machine is shared and small); only that the
+bench completes, reports each row with positive numbers, and loses no request during the promotion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import psutil
+import pytest
+
+from munet.bench import serve
+from munet.models.root import ASSETS
+
+pytestmark = pytest.mark.slow
+
+ROWS = {"raw_chain_b1", "raw_chain_b64", "raw_merged_b1", "raw_merged_b64", "grpc_b1", "grpc_b64", "grpc_conc",
+        "bento_b1", "bento_b64", "bento_conc", "grpc_conc_10", "grpc_mixed"}
+
+
+@pytest.mark.timeout(240)
+def test_quick_bench_serve_end_to_end(tmp_path):
+    if not (ASSETS / "root.safetensors").exists() and not os.environ.get("MUNET_ROOT_DIR"):
+        pytest.skip(f"no root checkpoint in {ASSETS} and MUNET_ROOT_DIR is not set")
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+
+    assert serve.main(["--quick", "--out", str(tmp_path)]) == 0
+
+    written = sorted(tmp_path.glob("serve-*.json"))
+    assert len(written) == 1 and written[0].with_suffix(".md").exists()
+    results = json.loads(written[0].read_text())
+    rows = {r["key"]: r for r in results["rows"]}
+    assert set(rows) == ROWS
+    for r in rows.values():
+        assert r["images_per_s"] > 0, r
+        assert r["p50_ms"] > 0 and r["p99_ms"] >= r["p50_ms"], r
+        assert r["requests"] > 0, r
+    for key in ROWS - {"raw_chain_b1", "raw_chain_b64", "raw_merged_b1", "raw_merged_b64"}:
+        assert rows[key]["vs_raw"] is not None and rows[key]["vs_raw"] > 0, key
+
+    p = results["promotion"]
+    assert p["promoted"], p
+    assert p["version_after"] > p["version_before"]
+    assert p["requests"] > 0 and p["failed"] == 0, p
+    assert p["max_gap_ms"] > 0
+
+    assert results["rss_server_1_task"]["rss"] > 0 and results["rss_server_10_tasks"]["rss"] > 0
+    assert results["tasks"]["count"] == 10 and results["tasks"]["distinct_trunks"] == 1
+    assert {t["target"] for t in results["targets"]} >= {"batched gRPC throughput vs raw ORT",
+                                                        "unary p50 overhead (ms)",
+                                                        "ten mixed tasks vs BentoML baseline",
+                                                        "memory, ten tasks vs one",
+                                                        "failed requests during promotion"}
+    assert all(t["value"] is not None for t in results["targets"])
+    for name in ("raw_chain", "munet_server", "bentoml_baseline"):
+        assert results["providers"][name], name
+    table = written[0].with_suffix(".md").read_text()
+    assert "| row |" in table and "| target |" in table
+
+    # every server and client process the bench started is gone (BentoML workers would be orphans,
+    # not our children, if their arbiter died: they are found by the bench's folder in their env)
+    # (multiprocessing's resource tracker stays for the life of this process, by design)
+    left = [p for p in me.children(recursive=True) if p.pid not in before and p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())]
+    assert not left, [(p.pid, p.cmdline()) for p in left]
+    tmp = results["tmp"]
+    for p in psutil.process_iter():
+        try:
+            env = p.environ()
+        except (psutil.Error, OSError):
+            continue
+        if any(env.get(k, "").startswith(tmp) for k in ("MUNET_HOME", "MUNET_BASELINE_ONNX")):
+            pytest.fail(f"process {p.pid} {p.cmdline()} of the bench is still running")

@@ -1,0 +1,246 @@
+"""Image decoding, splits, built-in data sets and the committed root checkpoint."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from munet.data.builtin import BUILTIN, available_builtins, load_builtin
+from munet.data.images import InvalidImage, batch_to_rgb32, decode_image, from_raw, to_model_input, to_rgb32
+from munet.data.splits import (
+    TEST,
+    TRAIN,
+    VALIDATION,
+    split_groups,
+    split_indices,
+    split_new_examples,
+    stratified_subsample,
+)
+from munet.models.pretrain import DEFAULT_ASSETS, INFO_FILE, WEIGHTS_FILE, load_root
+from munet.models.vit import Chain
+
+rng = np.random.default_rng(0)
+
+
+def _encode(arr: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _rgb32_ok(out: np.ndarray) -> None:
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+
+
+# ---- images ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (32, 32, 1), (32, 32, 3), (28, 28), (1, 1), (7, 333, 3), (50, 9, 4)])
+def test_to_rgb32_takes_every_layout_and_size(shape):
+    _rgb32_ok(to_rgb32(rng.integers(0, 256, shape, dtype=np.uint8)))
+
+
+def test_to_rgb32_32px_rgb_passes_through_unchanged():
+    x = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert np.array_equal(to_rgb32(x), x)
+
+
+def test_gray_is_repeated_to_three_equal_channels():
+    out = to_rgb32(rng.integers(0, 256, (28, 28), dtype=np.uint8))
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 0], out[..., 2])
+
+
+def test_float_images_in_unit_range_match_uint8():
+    x = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    assert np.array_equal(to_rgb32(x.astype(np.float32) / 255.0), to_rgb32(x))
+
+
+def test_alpha_is_composited_on_white():
+    x = np.zeros((32, 32, 4), np.uint8)  # transparent black
+    assert (to_rgb32(x) == 255).all()
+    x[..., 3] = 255  # opaque black
+    assert (to_rgb32(x) == 0).all()
+
+
+@pytest.mark.parametrize("bad", [
+    np.zeros((0, 5), np.uint8), np.zeros((5, 4097), np.uint8), np.zeros((4, 4, 2), np.uint8),
+    np.zeros((2, 4, 4, 3), np.uint8), np.zeros((4, 4), np.int32), np.full((4, 4), 1.5),
+    np.full((4, 4), np.nan),
+])
+def test_to_rgb32_rejects_bad_arrays(bad):
+    with pytest.raises(InvalidImage):
+        to_rgb32(bad)
+
+
+def test_batch_matches_one_by_one_exactly():
+    for h, w in [(28, 28), (8, 8), (1, 40), (32, 17), (45, 30)]:
+        x = rng.integers(0, 256, (6, h, w), dtype=np.uint8)
+        assert np.array_equal(batch_to_rgb32(x), np.stack([to_rgb32(i) for i in x])), (h, w)
+
+
+@pytest.mark.parametrize("mode,shape", [("L", (28, 28)), ("RGB", (40, 24, 3)), ("RGBA", (17, 33, 4))])
+def test_png_round_trip_is_lossless(mode, shape):
+    x = rng.integers(0, 256, shape, dtype=np.uint8)
+    assert np.array_equal(decode_image(_encode(x, "PNG")), to_rgb32(x))
+
+
+def test_jpeg_decodes_close_to_the_original():
+    x = np.zeros((64, 64, 3), np.uint8)
+    x[:, 32:] = (200, 40, 10)
+    out = decode_image(_encode(x, "JPEG", quality=95))
+    _rgb32_ok(out)
+    assert np.abs(out.astype(int) - to_rgb32(x).astype(int)).mean() < 4
+
+
+def test_palette_and_16bit_pngs_decode():
+    p = Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).convert("P")
+    buf = io.BytesIO()
+    p.save(buf, "PNG")
+    _rgb32_ok(decode_image(buf.getvalue()))
+    wide = np.full((8, 8), 65535, np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, "PNG")
+    assert (decode_image(buf.getvalue()) == 255).all()
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image", _encode(np.zeros((8, 8), np.uint8), "PNG")[:40]])
+def test_bad_bytes_raise_invalid_image(data):
+    with pytest.raises(InvalidImage):
+        decode_image(data)
+
+
+def test_oversized_image_is_refused_before_decoding():
+    big = _encode(np.zeros((1, 5000), np.uint8), "PNG")
+    with pytest.raises(InvalidImage, match="4096"):
+        decode_image(big)
+
+
+@pytest.mark.parametrize("c", [1, 3, 4])
+def test_raw_round_trip(c):
+    x = rng.integers(0, 256, (13, 29, c), dtype=np.uint8)
+    assert np.array_equal(from_raw(x.tobytes(), 13, 29, c), to_rgb32(x))
+
+
+@pytest.mark.parametrize("args", [(b"\0" * 10, 3, 3, 1), (b"\0" * 18, 3, 3, 2), (b"\0" * 9, 0, 9, 1),
+                                  (b"\0" * 9, 3, 3, 3)])
+def test_raw_with_wrong_length_or_shape_raises(args):
+    with pytest.raises(InvalidImage):
+        from_raw(*args)
+
+
+def test_model_input_layout_and_range():
+    x = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    x[0, 0, 0] = 255
+    out = to_model_input(x)
+    assert out.shape == (5, 3, 32, 32) and out.dtype == np.float32 and out.flags.c_contiguous
+    assert out.max() == 1.0 and out.min() >= 0.0
+    np.testing.assert_allclose(out[2, 1, 4, 7], x[2, 4, 7, 1] / 255.0, rtol=1e-6)
+    with pytest.raises(InvalidImage):
+        to_model_input(np.zeros((2, 28, 28, 3), np.uint8))
+
+
+# ---- splits ---------------------------------------------------------------------------------
+
+
+def test_split_is_deterministic_and_seed_dependent():
+    y = rng.integers(0, 5, 1000)
+    a, b, c = split_indices(y, 1), split_indices(y, 1), split_indices(y, 2)
+    assert a.dtype == np.int8 and np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_split_is_stratified_with_requested_fractions():
+    y = np.repeat(np.arange(4), [100, 200, 50, 30])
+    codes = split_indices(y, 0, val_fraction=0.1, test_fraction=0.2)
+    for label, n in zip(range(4), [100, 200, 50, 30], strict=True):
+        c = codes[y == label]
+        assert (c == VALIDATION).sum() == round(0.1 * n) and (c == TEST).sum() == round(0.2 * n)
+
+
+def test_small_classes_keep_a_training_example():
+    y = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2])
+    codes = split_indices(y, 0, val_fraction=0.4, test_fraction=0.4)
+    for label in (0, 1):
+        assert (codes[y == label] == TRAIN).sum() >= 1
+    assert (codes[y == 2] == TRAIN).all()  # two examples: too few to hold any out
+
+
+def test_group_split_keeps_groups_together():
+    groups = np.repeat(np.arange(60), 5)
+    y = groups % 3
+    codes = split_groups(y, groups, 0)
+    for g in range(60):
+        assert len(set(codes[groups == g])) == 1
+    assert {TRAIN, VALIDATION, TEST} <= set(codes.tolist())
+
+
+def test_new_example_split_depends_only_on_the_example():
+    x = rng.integers(0, 256, (2000, 32, 32, 3), dtype=np.uint8)
+    codes = split_new_examples(x, seed=3, val_fraction=0.2)
+    assert set(codes.tolist()) <= {TRAIN, VALIDATION}
+    assert 0.15 < (codes == VALIDATION).mean() < 0.25
+    assert np.array_equal(split_new_examples(x[::-1], seed=3, val_fraction=0.2), codes[::-1])
+    assert np.array_equal(split_new_examples(["a", b"b", 7], 1), split_new_examples(["a", b"b", 7], 1))
+    assert not np.array_equal(split_new_examples(x, seed=4, val_fraction=0.2), codes)
+
+
+def test_stratified_subsample_keeps_shares():
+    y = np.repeat(np.arange(3), [600, 300, 100])
+    idx = stratified_subsample(y, 100, 0)
+    assert len(idx) == 100 and np.array_equal(np.bincount(y[idx]), [60, 30, 10])
+    assert np.array_equal(idx, stratified_subsample(y, 100, 0))
+
+
+# ---- built-in data sets ---------------------------------------------------------------------
+
+
+def _check_labelled(d, n_classes):
+    assert d.x.dtype == np.uint8 and d.x.shape[1:] == (32, 32, 3) and len(d.x) == len(d.y)
+    assert d.y.dtype == np.int64 and d.y.min() >= 0 and d.y.max() < n_classes
+    assert len(d.labels) == n_classes
+
+
+def test_uci_digits():
+    d = load_builtin("uci_digits")
+    _check_labelled(d, 10)
+    assert len(d) == 1797 and d.split is None and d.labels[3] == "3"
+
+
+def test_mnist_subsample_keeps_official_split_and_classes():
+    d = load_builtin("mnist", max_examples=700, seed=1)
+    _check_labelled(d, 10)
+    assert len(d) == 700 and d.split.dtype == np.int8
+    assert np.array_equal(np.bincount(d.split), [500, 100, 100])  # 50k/10k/10k scaled
+    assert set(d.y.tolist()) == set(range(10))
+    again = load_builtin("mnist", max_examples=700, seed=1)
+    assert np.array_equal(d.x, again.x) and np.array_equal(d.y, again.y)
+
+
+def test_unknown_builtin_lists_valid_names():
+    with pytest.raises(ValueError, match="uci_digits"):
+        load_builtin("cifar10")
+
+
+def test_available_builtins_describe_each():
+    names = available_builtins()
+    assert set(names) <= set(BUILTIN) and "uci_digits" in names
+    assert all(isinstance(v, str) and v for v in names.values())
+
+
+# ---- root checkpoint ------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (DEFAULT_ASSETS / WEIGHTS_FILE).is_file() or not (DEFAULT_ASSETS / INFO_FILE).is_file(),
+                    reason="no committed root checkpoint (run `munet pretrain`)")
+def test_committed_root_rebuilds_and_classifies():
+    modules, info = load_root()
+    assert [m.kind for m in modules] == [m["kind"] for m in info["modules"]]
+    assert modules[0].kind == "embed" and modules[-1].kind == "head"
+    x = torch.from_numpy(to_model_input(load_builtin("mnist", max_examples=64).x))
+    with torch.inference_mode():
+        logits = Chain(modules).eval()(x)
+    assert logits.shape == (64, 20) and torch.isfinite(logits).all()
+    assert info["test"]["mnist"]["accuracy_20way"] > 0.5
