@@ -348,7 +348,9 @@ def _watch(c: Any, s: Any, generations_before: int, poll_s: float = 0.5, start_t
     from tqdm import tqdm
 
     t0, seen_running = time.monotonic(), False
-    with tqdm(total=s.candidates_total or None, unit="candidate", file=sys.stderr, leave=False) as bar:
+    # disable=None: a bar only on a terminal; piped output gets the final table alone
+    with tqdm(total=s.candidates_total or None, unit="candidate", file=sys.stderr, leave=False,
+              disable=None, mininterval=1.0) as bar:
         while True:
             if s.running:
                 seen_running = True

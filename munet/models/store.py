@@ -431,10 +431,12 @@ class Store:
         return out
 
     def prune_versions(self, task: str, keep: int) -> list[int]:
-        """Forget the oldest retired versions beyond `keep`; the current one always stays."""
+        """Forget versions beyond `keep`: unpromoted candidates first, then failed, then the oldest
+        retired ones (the rollback history). The current version always stays."""
         versions = self.list_versions(task)
-        retired = [v for v in versions if v.status in ("retired", "failed", "candidate")]
-        drop = [v.version for v in retired[: max(0, len(versions) - keep)]]
+        rank = {"candidate": 0, "failed": 1, "retired": 2}
+        removable = sorted((v for v in versions if v.status in rank), key=lambda v: (rank[v.status], v.version))
+        drop = [v.version for v in removable[: max(0, len(versions) - keep)]]
         if drop:
             with self._tx() as db:
                 db.executemany("DELETE FROM path_versions WHERE task=? AND version=?",

@@ -125,6 +125,8 @@ class Core:
             self.runtime.remove(task)
 
     def _on_batch(self, images: int, tasks: int) -> None:
+        # per batch, not per request: multiprocess metric writes cost the event loop (profiled)
+        metrics.QUEUE_DEPTH.set(self.batcher.queue_depth)
         metrics.BATCH_SIZE.observe(images)
         metrics.BATCH_TASKS.observe(tasks)
 
@@ -162,11 +164,7 @@ class Core:
         # the path is pinned here: a swap while this request waits does not change its answer
         path = self.served(task)
         x = imglib.to_model_input(self.decode(inputs))
-        metrics.QUEUE_DEPTH.set(self.batcher.queue_depth + len(x))
-        try:
-            preds = await self.batcher.submit(path, x, post=lambda y: top_k_predictions(y, path.labels, top_k))
-        finally:
-            metrics.QUEUE_DEPTH.set(self.batcher.queue_depth)
+        preds = await self.batcher.submit(path, x, post=lambda y: top_k_predictions(y, path.labels, top_k))
         metrics.IMAGES.labels(task, str(path.version)).inc(len(x))
         return path, preds
 
