@@ -8,9 +8,11 @@ from munet.app import App
 from munet.config import Config
 from munet.service.core import TaskSpec
 
+# Budgets are in steps, not seconds (the time budget is far away): a loaded CI machine then trains
+# the same candidates as a quiet one, and the tests' outcomes do not depend on the load.
 FAST = dict(
     demo_task=False, scheduler_enabled=False, head_train_epochs=15, candidates_per_generation=2,
-    candidate_budget_s=2.0, candidate_max_steps=60, train_batch_size=32, evolution_max_train=600,
+    candidate_budget_s=600.0, candidate_max_steps=40, train_batch_size=32, evolution_max_train=600,
     evolution_max_validation=300, gc_min_age_s=0.0, max_delay_ms=2.0, intra_op_threads=1,
 )
 

@@ -145,7 +145,7 @@ def test_restart_serves_the_promoted_version_and_rollback_returns_the_previous(m
 
 
 def test_new_examples_of_a_new_style_lift_accuracy_on_that_style(make_app):
-    app = make_app(candidate_budget_s=6.0, candidate_max_steps=250, train_batch_size=64, evolution_max_train=1000)
+    app = make_app(candidate_max_steps=150, train_batch_size=64, evolution_max_train=1000)
     register_digits(app, "digits", max_examples=900)
     register_digits(app, "other", builtin="animal_shapes", max_examples=300)
     _, other_before = app.core.predict_sync("other", _fixed_inputs())
