@@ -119,25 +119,32 @@ class MunetService:
                                 for pr in preds]}
 
     @bentoml.api
-    async def register(self, name: str, file: Path | None = None, builtin: str | None = None,
-                       npz_file: str | None = None, labels: list[str] | None = None, max_examples: int = 0,
-                       seed: int = 0, validation_fraction: float = 0.1, test_fraction: float = 0.1) -> dict:
-        """Create a task from an uploaded .npz (`file`), a built-in data set, or an import-dir .npz."""
-        def work() -> dict:
-            uploaded = []
-            if file is not None:
-                ex, names = self.core.read_npz(Path(file).read_bytes(), "uploaded file")
-                uploaded.append(ex)
-                lbls = labels or names
-            else:
-                lbls = labels or []
-            spec = TaskSpec(name=name, labels=lbls, builtin=builtin, npz_file=npz_file,
-                            max_examples=max_examples, seed=seed, validation_fraction=validation_fraction,
-                            test_fraction=test_fraction)
-            self.core.register_task(spec, uploaded)
-            return self.core.task_view(name)
+    async def register(self, name: str, builtin: str | None = None, npz_file: str | None = None,
+                       labels: list[str] | None = None, max_examples: int = 0, seed: int = 0,
+                       validation_fraction: float = 0.1, test_fraction: float = 0.1) -> dict:
+        """Create a task from a built-in data set or an .npz file in the server's import directory."""
+        spec = TaskSpec(name=name, labels=labels or [], builtin=builtin, npz_file=npz_file,
+                        max_examples=max_examples, seed=seed, validation_fraction=validation_fraction,
+                        test_fraction=test_fraction)
+        return await self._call(asyncio.to_thread, self._register, spec, None)
 
-        return await self._call(asyncio.to_thread, work)
+    @bentoml.api
+    async def register_upload(self, name: str, file: Path, labels: list[str] | None = None,
+                              max_examples: int = 0, seed: int = 0, validation_fraction: float = 0.1,
+                              test_fraction: float = 0.1) -> dict:
+        """Create a task from an uploaded .npz (multipart `file`: x, y[, label_names, split])."""
+        spec = TaskSpec(name=name, labels=labels or [], max_examples=max_examples, seed=seed,
+                        validation_fraction=validation_fraction, test_fraction=test_fraction)
+        return await self._call(asyncio.to_thread, self._register, spec, Path(file))
+
+    def _register(self, spec: TaskSpec, file: Path | None) -> dict:
+        uploaded = []
+        if file is not None:
+            ex, names = self.core.read_npz(file.read_bytes(), "uploaded file")
+            uploaded.append(ex)
+            spec.labels = spec.labels or names
+        self.core.register_task(spec, uploaded)
+        return self.core.task_view(spec.name)
 
     @bentoml.api
     async def add_examples(self, task: str, file: Path) -> dict:
