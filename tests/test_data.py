@@ -20,7 +20,7 @@ from munet.data.splits import (
     split_new_examples,
     stratified_subsample,
 )
-from munet.models.pretrain import DEFAULT_ASSETS, INFO_FILE, WEIGHTS_FILE, load_root
+from munet.models.pretrain import load_root
 from munet.models.vit import Chain
 
 rng = np.random.default_rng(0)
@@ -233,8 +233,6 @@ def test_available_builtins_describe_each():
 # ---- root checkpoint ------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (DEFAULT_ASSETS / WEIGHTS_FILE).is_file() or not (DEFAULT_ASSETS / INFO_FILE).is_file(),
-                    reason="no committed root checkpoint (run `munet pretrain`)")
 def test_committed_root_rebuilds_and_classifies():
     modules, info = load_root()
     assert [m.kind for m in modules] == [m["kind"] for m in info["modules"]]

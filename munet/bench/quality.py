@@ -73,7 +73,7 @@ log = logging.getLogger("munet.bench.quality")
 
 
 class BenchError(RuntimeError):
-    pass
+    """A benchmark cannot run (missing data, a server that did not start); reported, exit 2."""
 
 
 def _say(msg: str) -> None:

@@ -56,7 +56,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class BenchError(RuntimeError):
-    pass
+    """A benchmark cannot run (a server that did not start, a client that failed); reported, exit 1."""
 
 
 # ---- settings -----------------------------------------------------------------------------------
