@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from munet.app import App
@@ -35,10 +37,8 @@ def make_app(tmp_path):
 
     yield make
     for app in apps:
-        try:
+        with contextlib.suppress(Exception):  # already closed by the test
             app.close()
-        except Exception:  # noqa: BLE001 - already closed by the test
-            pass
 
 
 def register_digits(app: App, name: str = "digits", max_examples: int = 500, seed: int = 0, builtin="uci_digits"):

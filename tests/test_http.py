@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -72,11 +73,9 @@ def server(tmp_path_factory):
         with MunetClient(f"127.0.0.1:{grpc_port}") as c:
             while time.monotonic() < deadline:
                 assert proc.poll() is None, (home / "serve.log").read_text()[-3000:]
-                try:
+                with contextlib.suppress(Exception):  # not up yet
                     if any(t.name == "digits-demo" for t in c.list_tasks()):
                         break
-                except Exception:  # noqa: BLE001 - not up yet
-                    pass
                 time.sleep(1)
             else:
                 pytest.fail("server did not come up: " + (home / "serve.log").read_text()[-3000:])

@@ -9,6 +9,7 @@ from one run on this machine; the ratio is the speed-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
@@ -87,13 +88,11 @@ def run(task: str, n_train: int, steps: int, cloned: int, batch: int, threads: i
 
 def _machine() -> str:
     cpu = "unknown CPU"
-    try:
+    with contextlib.suppress(OSError):  # no /proc: the CPU stays "unknown"
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
     import os
 
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, torch {torch.__version__}"

@@ -7,6 +7,7 @@ paths improve, is evolution's business: the composition root (`munet.app`) hands
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import io
@@ -460,10 +461,8 @@ def _release_memory() -> None:
     # registration trains on cached features of the whole data set; without this, glibc keeps the
     # freed arenas and a server that registered one task stays ~300 MB larger (measured)
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def top_k_predictions(logits: np.ndarray, labels: tuple[str, ...] | list[str], k: int) -> list[Prediction]:

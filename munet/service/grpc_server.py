@@ -167,6 +167,15 @@ def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
     return wrapper
 
 
+async def _first_message(request_iterator: AsyncIterator[_M], empty: str) -> tuple[AsyncIterator[_M], _M]:
+    """The rest of a client stream and its first message; an empty stream is the client's error."""
+    stream = aiter(request_iterator)
+    try:
+        return stream, await anext(stream)
+    except StopAsyncIteration:
+        raise InvalidArgument(empty) from None
+
+
 class MunetServicer(pb_grpc.MunetServicer):
     def __init__(self, core: Core, evolution: Evolution | None = None):
         self.core = core
@@ -228,12 +237,8 @@ class MunetServicer(pb_grpc.MunetServicer):
     @_rpc
     async def RegisterTask(self, request_iterator: AsyncIterator[pb.RegisterTaskRequest],
                            context: grpc.aio.ServicerContext) -> pb.Task:
-        stream = aiter(request_iterator)
-        try:
-            first = await anext(stream)
-        except StopAsyncIteration:
-            raise InvalidArgument("the RegisterTask stream is empty; its first message must carry the spec") \
-                from None
+        stream, first = await _first_message(request_iterator,
+                                             "the RegisterTask stream is empty; its first message must carry the spec")
         if first.WhichOneof("item") != "spec":
             raise InvalidArgument("the first RegisterTask message must carry the spec, not examples")
         spec = task_spec(first.spec)
@@ -252,11 +257,7 @@ class MunetServicer(pb_grpc.MunetServicer):
     @_rpc
     async def AddExamples(self, request_iterator: AsyncIterator[pb.AddExamplesRequest],
                           context: grpc.aio.ServicerContext) -> pb.AddExamplesResponse:
-        stream = aiter(request_iterator)
-        try:
-            first = await anext(stream)
-        except StopAsyncIteration:
-            raise InvalidArgument("the AddExamples stream is empty") from None
+        stream, first = await _first_message(request_iterator, "the AddExamples stream is empty")
         task = first.task
         if not task:
             raise InvalidArgument("the first AddExamples message must name the task")
