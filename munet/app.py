@@ -14,7 +14,7 @@ from munet.config import Config
 from munet.errors import MunetError
 from munet.evolution.engine import InitialPaths
 from munet.evolution.scheduler import Evolution
-from munet.models.root import ensure_root
+from munet.models.roots import ensure_root, resolve_root
 from munet.models.store import Store
 from munet.service.core import Core, TaskSpec
 
@@ -44,8 +44,9 @@ class App:
         config.home.mkdir(parents=True, exist_ok=True)
         config.imports.mkdir(parents=True, exist_ok=True)
         store = Store(config.home)
-        ensure_root(store, config.root_dir)
+        ensure_root(store, resolve_root(store, config.root))  # the first start records the store's root
         core = Core(config, store, path_maker=InitialPaths(config, store))
+        log.info("new tasks grow from root %s at %d px", core.root, core.image_size)
         evolution = Evolution(config, store, activate=core.activate, load_signal=lambda: core.batcher.queue_depth)
         return cls(config, store, core, evolution)
 

@@ -75,6 +75,7 @@ def _describe_task(t: Any) -> str:
     lines = [f"task {t.name} ({t.status}), source {t.source or '-'}, created {t.created_at}",
              f"  labels ({len(t.labels)}): {', '.join(t.labels)}",
              f"  examples: {t.train_examples} train, {t.validation_examples} validation, {t.test_examples} test",
+             f"  root {t.root or '-'}, images resized to {t.image_size}x{t.image_size}",
              f"  current version {t.current_version}"]
     if t.path is not None:
         lines += _describe_path(t.path, "    ")
@@ -174,9 +175,13 @@ def cmd_tasks_register(args: argparse.Namespace) -> int:
         x, y, split, names = _load_npz(args.upload)
         labels = labels or names
         examples = (x, y, split) if split is not None else (x, y)
+    elif args.from_dir:
+        files, y, names = image_folder(args.from_dir)
+        labels = labels or names
+        examples = (files, y)
     with _client(args) as c:
         t = c.register_task(args.name, labels=labels, builtin=args.builtin, npz_file=args.npz,
-                            examples=examples, max_examples=args.max_examples, seed=args.seed)
+                            examples=examples, max_examples=args.max_examples, seed=args.seed, root=args.root)
     if args.json:
         _print_json(t)
     else:
@@ -259,18 +264,40 @@ def cmd_examples_add(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def image_folder(root: str) -> tuple[list[Path], np.ndarray, list[str]]:
+    """Image files and labels from class subfolders (sorted by name, as torchvision's ImageFolder)."""
+    base = Path(root)
+    if not base.is_dir():
+        raise CliError(f"{root} is not a folder")
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files, y = [], []
+    for i, name in enumerate(classes):
+        for f in sorted((base / name).rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                y.append(i)
+    if len(classes) < 2 or not files:
+        raise CliError(f"{root} needs at least two class subfolders holding images "
+                       f"({', '.join(sorted(IMAGE_SUFFIXES))}); found {len(classes)} folders, {len(files)} images")
+    return files, np.array(y, np.int64), classes
+
+
 def _images_as_examples(c: Any, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # decoded here with the server's own function, so images of mixed sizes stack into one batch
+    # decoded here with the server's own function at the task's size, so images of mixed sizes stack
     from munet.data.images import InvalidImage, decode_image
 
-    labels = c.get_task(args.task).labels
+    task = c.get_task(args.task)
+    labels = task.labels
     label = int(args.label) if args.label.isdigit() else labels.index(args.label) if args.label in labels else -1
     if not 0 <= label < len(labels):
         raise CliError(f"label {args.label!r} is not one of {labels} nor an index below {len(labels)}")
     xs = []
     for path in args.images:
         try:
-            xs.append(decode_image(Path(path).read_bytes()))
+            xs.append(decode_image(Path(path).read_bytes(), task.image_size or 32))
         except (OSError, InvalidImage) as e:
             raise CliError(f"cannot read image {path}: {e}") from None
     n = len(xs)
@@ -375,6 +402,67 @@ def cmd_evolution_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _home(args: argparse.Namespace) -> Path:
+    from munet.config import Config
+
+    return Path(args.home) if args.home else Config.from_env().home
+
+
+def cmd_roots_list(args: argparse.Namespace) -> int:
+    from munet.models.roots import DEFAULT_ROOT, RootUnavailable, available_roots, mobilenet_weights_path
+
+    home = _home(args)
+    stored: dict = {}
+    default = ""
+    db = home / "munet.db"
+    if db.is_file():
+        from munet.models.roots import stored_roots
+        from munet.models.store import Store
+
+        store = Store(home)
+        try:
+            stored, default = stored_roots(store), store.get_meta("default_root") or ""
+        finally:
+            store.close()
+    rows, out = [], []
+    for name, spec in available_roots(home).items():
+        installed = True
+        if name == "mobilenet_v2_imagenet":
+            try:
+                mobilenet_weights_path()
+            except RootUnavailable:
+                installed = False
+        default_mark = name == (default or DEFAULT_ROOT)
+        out.append({"name": name, "family": spec.family, "image_size": spec.image_size,
+                    "gpu_image_size": spec.gpu_image_size, "in_store": name in stored, "installed": installed,
+                    "default": default_mark, "description": spec.description})
+        rows.append(["*" if default_mark else "", name, spec.family, f"{spec.image_size}/{spec.gpu_image_size}",
+                     "yes" if name in stored else "no", "yes" if installed else "NO (make setup)", spec.description])
+    if args.json:
+        _print_json(out)
+    else:
+        print(_table(rows, ["", "root", "family", "px cpu/gpu", "in store", "installed", "description"]))
+    return 0
+
+
+def cmd_roots_import(args: argparse.Namespace) -> int:
+    from munet.models.roots import import_root
+
+    def floats(text: str | None) -> tuple | None:
+        return tuple(float(v) for v in text.split(",")) if text else None
+
+    info = import_root(_home(args), args.name, Path(args.checkpoint), args.format, heads=args.heads,
+                       eps=args.eps, mean=floats(args.mean), std=floats(args.std), image_size=args.image_size)
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"imported root {info['name']} ({info['family']}, {len(info['modules'])} modules, "
+              f"{info['params']:,} parameters, {info['image_size']} px); parity with the original forward "
+              f"pass: {info['parity_relative_error']:.1e} relative. Use it with MUNET_ROOT={info['name']} "
+              f"or `munet tasks register ... --root {info['name']}`")
+    return 0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     with _client(args) as c:
         status = c.health(args.service)
@@ -412,18 +500,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("which", choices=list(BENCHES))
     p.set_defaults(func=lambda a: _delegate(f"munet.bench.{BENCHES[a.which]}", f"the {a.which} benchmark", []))
 
+    roots = sub.add_parser("roots", help="the roots new tasks can grow from; import one from a checkpoint")
+    rsub = roots.add_subparsers(dest="roots_command", required=True, metavar="ACTION")
+    p = rsub.add_parser("list", help="built-in and imported roots (* marks the default for new tasks)")
+    p.add_argument("--home", help="the store (default: MUNET_HOME or .munet)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_roots_list)
+    p = rsub.add_parser("import", help="cut a checkpoint into modules, check it against its own forward pass, "
+                                       "and save it as a root in the store's home")
+    p.add_argument("name", help="the new root's name (lowercase letters, digits, '_' or '-')")
+    p.add_argument("checkpoint", help="a .pth/.pt (tensors only; no pickled code is run) or .safetensors file")
+    p.add_argument("--format", required=True, choices=["torchvision-mobilenet_v2", "timm-vit"],
+                   help="the checkpoint's key layout")
+    p.add_argument("--heads", type=int, default=None, help="timm-vit: attention heads (default width/64)")
+    p.add_argument("--eps", type=float, default=1e-6, help="timm-vit: LayerNorm epsilon (timm's default 1e-6)")
+    p.add_argument("--mean", help="timm-vit: input normalisation mean, e.g. 0.5,0.5,0.5 (default)")
+    p.add_argument("--std", help="timm-vit: input normalisation std, e.g. 0.5,0.5,0.5 (default)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="torchvision-mobilenet_v2: input size of its tasks on CPU (default 96)")
+    p.add_argument("--home", help="the store (default: MUNET_HOME or .munet)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_roots_import)
+
     tasks = sub.add_parser("tasks", help="create, inspect, delete and roll back tasks")
     tsub = tasks.add_subparsers(dest="tasks_command", required=True, metavar="ACTION")
     p = tsub.add_parser("register", parents=[client], help="create a task and train its first path")
     p.add_argument("name")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--builtin", help="built-in data set: mnist, fashion_mnist, animal_shapes, uci_digits, "
-                                       "emoji_noto")
+                                       "emoji_noto, emoji_subgroups")
     src.add_argument("--npz", metavar="FILE_ON_SERVER", help="an .npz file in the server's import directory")
     src.add_argument("--upload", metavar="LOCAL.npz", help="a local .npz (x, y[, split, label_names]) to stream")
+    src.add_argument("--from", dest="from_dir", metavar="DIR",
+                     help="a local folder with one subfolder of images (PNG, JPEG, ... any size) per class, "
+                          "named for the class (torchvision's ImageFolder layout)")
     p.add_argument("--labels", help="comma-separated label names (default: the data set's)")
     p.add_argument("--max-examples", type=int, default=0, help="take at most this many examples (0: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--root", default="", help="root to grow from (default: the server's; see `munet roots list`)")
     p.set_defaults(func=cmd_tasks_register)
     p = tsub.add_parser("list", parents=[client], help="all tasks, one line each")
     p.set_defaults(func=cmd_tasks_list)

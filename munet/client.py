@@ -103,6 +103,8 @@ class Task:
     source: str
     created_at: str
     lineage: list[PathVersion] = field(default_factory=list)
+    root: str = ""  # the root its paths grew from
+    image_size: int = 0  # pixels per side its images are resized to
 
 
 @dataclass
@@ -169,7 +171,7 @@ def _task(m: pb.Task) -> Task:
         name=m.name, labels=list(m.labels), status=m.status, current_version=m.current_version,
         path=_path(m.path) if m.HasField("path") else None, train_examples=m.train_examples,
         validation_examples=m.validation_examples, test_examples=m.test_examples, source=m.source,
-        created_at=m.created_at, lineage=[_path(p) for p in m.lineage],
+        created_at=m.created_at, lineage=[_path(p) for p in m.lineage], root=m.root, image_size=m.image_size,
     )
 
 
@@ -242,10 +244,15 @@ def check_examples(x: np.ndarray, y: Sequence[int] | np.ndarray, split: Sequence
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validate labelled images up front: an error raised while a stream is being sent would only
     reach the caller as a cancelled call."""
-    x = np.asarray(x)
     y = np.asarray(y)
-    if x.ndim not in (3, 4) or len(x) != len(y) or y.ndim != 1:
-        raise ValueError(f"x must be (N, H, W) or (N, H, W, C) and y (N,); got {x.shape} and {y.shape}")
+    if isinstance(x, (list, tuple)):
+        # images of different sizes and formats: file paths, encoded bytes or arrays, one per label
+        if len(x) != len(y) or y.ndim != 1:
+            raise ValueError(f"{len(x)} images but labels of shape {y.shape}")
+    else:
+        x = np.asarray(x)
+        if x.ndim not in (3, 4) or len(x) != len(y) or y.ndim != 1:
+            raise ValueError(f"x must be (N, H, W) or (N, H, W, C) and y (N,); got {x.shape} and {y.shape}")
     if len(y) and not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"labels y must be integers, got {y.dtype}")
     if (y < 0).any():
@@ -255,7 +262,7 @@ def check_examples(x: np.ndarray, y: Sequence[int] | np.ndarray, split: Sequence
         raise ValueError(f"split must be (N,) like y; got {s.shape}")
     if not np.isin(s, list(_SPLITS)).all():
         raise ValueError("split codes must be 0 (train), 1 (validation), 2 (test) or -1 (server's choice)")
-    return _as_uint8(x), y, s
+    return (x if isinstance(x, (list, tuple)) else _as_uint8(x)), y, s
 
 
 def example_batches(x: np.ndarray, y: Sequence[int] | np.ndarray, split: Sequence[int] | np.ndarray | None,
@@ -268,7 +275,8 @@ def example_batches(x: np.ndarray, y: Sequence[int] | np.ndarray, split: Sequenc
         for start in range(0, len(y), chunk):
             batch = pb.ExampleBatch()
             for i in range(start, min(start + chunk, len(y))):
-                batch.examples.add(image=raw_image(x[i]), label=int(y[i]), split=_SPLITS[int(s[i])])
+                image = raw_image(x[i]) if isinstance(x, np.ndarray) else to_image(x[i])
+                batch.examples.add(image=image, label=int(y[i]), split=_SPLITS[int(s[i])])
             yield batch
 
     return gen()
@@ -331,12 +339,13 @@ class MunetClient:
                       npz_file: str | None = None,
                       examples: tuple[np.ndarray, Sequence[int]] | tuple[np.ndarray, Sequence[int], Any] | None = None,
                       max_examples: int = 0, seed: int = 0, chunk: int = 256, validation_fraction: float = 0.0,
-                      test_fraction: float = 0.0, timeout: float | None = None) -> Task:
+                      test_fraction: float = 0.0, timeout: float | None = None, root: str = "") -> Task:
         """Create a task from a built-in data set, a file in the server's import directory and/or
-        uploaded `(x, y[, split])` examples (streamed in `chunk`-image messages). Blocks while the
-        server trains the task's first path."""
+        uploaded `(x, y[, split])` examples (streamed in `chunk`-image messages; x an (N, H, W[, C])
+        array or a list of image files, encoded bytes or arrays of any sizes). Blocks while the
+        server trains the task's first path. `root` picks the root to grow from (default: the server's)."""
         spec = pb.TaskSpec(name=name, labels=list(labels or []), max_examples=max_examples, seed=seed,
-                           validation_fraction=validation_fraction, test_fraction=test_fraction)
+                           validation_fraction=validation_fraction, test_fraction=test_fraction, root=root)
         if builtin:
             spec.builtin = builtin
         if npz_file:

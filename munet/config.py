@@ -24,7 +24,10 @@ class Config:
     max_delay_ms: float = 2.0  # how long the first request of a batch waits for company
     max_request_images: int = 1024
     import_dir: Path | None = None  # .npz files RegisterTask may name; default <home>/imports
-    root_dir: Path | None = None  # root checkpoint (root.safetensors + root.json); default: the committed one
+    # the root new tasks grow from: mobilenet_v2_imagenet, vit_tiny or an imported one (`munet roots
+    # list`); "" = the store's first root, or mobilenet_v2_imagenet on a new store
+    root: str = ""
+    image_size: int = 0  # input size of new tasks on a convolutional root; 0 = the root's (96 CPU, 160 GPU)
     demo_task: bool = True  # register a small built-in task on an empty store
     demo_builtin: str = "uci_digits"
     seed: int = 0

@@ -1,4 +1,5 @@
-"""Shared fixtures: small, fast apps on temporary stores (tiny budgets; the root is the committed one)."""
+"""Shared fixtures: small, fast apps on temporary stores (tiny budgets; the small committed ViT root,
+except where a test names the ImageNet MobileNetV2)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from munet.service.core import TaskSpec
 # Budgets are in steps, not seconds (the time budget is far away): a loaded CI machine then trains
 # the same candidates as a quiet one, and the tests' outcomes do not depend on the load.
 FAST = dict(
+    root="vit_tiny",  # the small committed root: most tests are about serving and evolution, not the root
     demo_task=False, scheduler_enabled=False, head_train_epochs=15, candidates_per_generation=2,
     candidate_budget_s=600.0, candidate_max_steps=40, train_batch_size=32, evolution_max_train=600,
     evolution_max_validation=300, gc_min_age_s=0.0, max_delay_ms=2.0, intra_op_threads=1,

@@ -53,7 +53,8 @@ class Served:
 def server_config(home: Any, **overrides: Any) -> Config:
     """A store under `home`, no demo task and no scheduler: tests register exactly what they use."""
     values: dict[str, Any] = {
-        "home": home, "demo_task": False, "scheduler_enabled": False, "providers": ["CPUExecutionProvider"],
+        "home": home, "root": "vit_tiny", "demo_task": False, "scheduler_enabled": False,
+        "providers": ["CPUExecutionProvider"],
         # small enough that the over-the-cap upload test stays cheap, large enough for every task here
         "max_examples_per_task": 1500,
         # a generation triggered over gRPC: one short candidate on a small sample

@@ -7,13 +7,12 @@ bench completes, reports each row with positive numbers, and loses no request du
 from __future__ import annotations
 
 import json
-import os
 
 import psutil
 import pytest
 
 from munet.bench import serve
-from munet.models.root import ASSETS
+from munet.models.roots import mobilenet_weights_path
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +22,7 @@ ROWS = {"raw_chain_b1", "raw_chain_b64", "raw_merged_b1", "raw_merged_b64", "grp
 
 @pytest.mark.timeout(240)
 def test_quick_bench_serve_end_to_end(tmp_path):
-    assert (ASSETS / "root.safetensors").exists() or os.environ.get("MUNET_ROOT_DIR"), \
-        f"no root checkpoint in {ASSETS} and MUNET_ROOT_DIR is not set"
+    assert mobilenet_weights_path().is_file()  # installed by `make setup`: missing is a failure
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
 

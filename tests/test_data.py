@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from munet.data.builtin import BUILTIN, available_builtins, load_builtin
-from munet.data.images import InvalidImage, batch_to_rgb32, decode_image, from_raw, to_model_input, to_rgb32
+from munet.data.images import InvalidImage, batch_to_rgb, decode_image, from_raw, to_model_input, to_rgb
 from munet.data.splits import (
     TEST,
     TRAIN,
@@ -20,7 +20,7 @@ from munet.data.splits import (
     split_new_examples,
     stratified_subsample,
 )
-from munet.models.pretrain import load_root
+from munet.models.roots import load_saved_root as load_root
 from munet.models.vit import Chain
 
 rng = np.random.default_rng(0)
@@ -40,30 +40,30 @@ def _rgb32_ok(out: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (32, 32, 1), (32, 32, 3), (28, 28), (1, 1), (7, 333, 3), (50, 9, 4)])
-def test_to_rgb32_takes_every_layout_and_size(shape):
-    _rgb32_ok(to_rgb32(rng.integers(0, 256, shape, dtype=np.uint8)))
+def test_to_rgb_takes_every_layout_and_size(shape):
+    _rgb32_ok(to_rgb(rng.integers(0, 256, shape, dtype=np.uint8)))
 
 
-def test_to_rgb32_32px_rgb_passes_through_unchanged():
+def test_to_rgb_32px_rgb_passes_through_unchanged():
     x = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    assert np.array_equal(to_rgb32(x), x)
+    assert np.array_equal(to_rgb(x), x)
 
 
 def test_gray_is_repeated_to_three_equal_channels():
-    out = to_rgb32(rng.integers(0, 256, (28, 28), dtype=np.uint8))
+    out = to_rgb(rng.integers(0, 256, (28, 28), dtype=np.uint8))
     assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 0], out[..., 2])
 
 
 def test_float_images_in_unit_range_match_uint8():
     x = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
-    assert np.array_equal(to_rgb32(x.astype(np.float32) / 255.0), to_rgb32(x))
+    assert np.array_equal(to_rgb(x.astype(np.float32) / 255.0), to_rgb(x))
 
 
 def test_alpha_is_composited_on_white():
     x = np.zeros((32, 32, 4), np.uint8)  # transparent black
-    assert (to_rgb32(x) == 255).all()
+    assert (to_rgb(x) == 255).all()
     x[..., 3] = 255  # opaque black
-    assert (to_rgb32(x) == 0).all()
+    assert (to_rgb(x) == 0).all()
 
 
 @pytest.mark.parametrize("bad", [
@@ -71,21 +71,21 @@ def test_alpha_is_composited_on_white():
     np.zeros((2, 4, 4, 3), np.uint8), np.zeros((4, 4), np.int32), np.full((4, 4), 1.5),
     np.full((4, 4), np.nan),
 ])
-def test_to_rgb32_rejects_bad_arrays(bad):
+def test_to_rgb_rejects_bad_arrays(bad):
     with pytest.raises(InvalidImage):
-        to_rgb32(bad)
+        to_rgb(bad)
 
 
 def test_batch_matches_one_by_one_exactly():
     for h, w in [(28, 28), (8, 8), (1, 40), (32, 17), (45, 30)]:
         x = rng.integers(0, 256, (6, h, w), dtype=np.uint8)
-        assert np.array_equal(batch_to_rgb32(x), np.stack([to_rgb32(i) for i in x])), (h, w)
+        assert np.array_equal(batch_to_rgb(x), np.stack([to_rgb(i) for i in x])), (h, w)
 
 
 @pytest.mark.parametrize("mode,shape", [("L", (28, 28)), ("RGB", (40, 24, 3)), ("RGBA", (17, 33, 4))])
 def test_png_round_trip_is_lossless(mode, shape):
     x = rng.integers(0, 256, shape, dtype=np.uint8)
-    assert np.array_equal(decode_image(_encode(x, "PNG")), to_rgb32(x))
+    assert np.array_equal(decode_image(_encode(x, "PNG")), to_rgb(x))
 
 
 def test_jpeg_decodes_close_to_the_original():
@@ -93,7 +93,7 @@ def test_jpeg_decodes_close_to_the_original():
     x[:, 32:] = (200, 40, 10)
     out = decode_image(_encode(x, "JPEG", quality=95))
     _rgb32_ok(out)
-    assert np.abs(out.astype(int) - to_rgb32(x).astype(int)).mean() < 4
+    assert np.abs(out.astype(int) - to_rgb(x).astype(int)).mean() < 4
 
 
 def test_palette_and_16bit_pngs_decode():
@@ -122,7 +122,7 @@ def test_oversized_image_is_refused_before_decoding():
 @pytest.mark.parametrize("c", [1, 3, 4])
 def test_raw_round_trip(c):
     x = rng.integers(0, 256, (13, 29, c), dtype=np.uint8)
-    assert np.array_equal(from_raw(x.tobytes(), 13, 29, c), to_rgb32(x))
+    assert np.array_equal(from_raw(x.tobytes(), 13, 29, c), to_rgb(x))
 
 
 @pytest.mark.parametrize("args", [(b"\0" * 10, 3, 3, 1), (b"\0" * 18, 3, 3, 2), (b"\0" * 9, 0, 9, 1),
@@ -139,8 +139,10 @@ def test_model_input_layout_and_range():
     assert out.shape == (5, 3, 32, 32) and out.dtype == np.float32 and out.flags.c_contiguous
     assert out.max() == 1.0 and out.min() >= 0.0
     np.testing.assert_allclose(out[2, 1, 4, 7], x[2, 4, 7, 1] / 255.0, rtol=1e-6)
-    with pytest.raises(InvalidImage):
-        to_model_input(np.zeros((2, 28, 28, 3), np.uint8))
+    assert to_model_input(np.zeros((2, 96, 96, 3), np.uint8)).shape == (2, 3, 96, 96)  # any square size
+    for bad in (np.zeros((2, 28, 30, 3), np.uint8), np.zeros((2, 28, 28, 1), np.uint8), np.zeros((28, 28, 3))):
+        with pytest.raises(InvalidImage):
+            to_model_input(bad)
 
 
 # ---- splits ---------------------------------------------------------------------------------

@@ -104,3 +104,94 @@ def test_mutated_path_keeps_the_function_before_training(root):
         with torch.no_grad():
             assert torch.allclose(Chain(mods)(x), ref, atol=1e-5), cand.mutations
     assert {"clone", "insert_adapter"} <= kinds_seen
+
+
+# ---- the same mutations on the convolutional family (ImageNet MobileNetV2) ------------------------
+
+
+@pytest.fixture(scope="module")
+def mbv2():
+    from munet.models.roots import BUILTIN_ROOTS
+
+    modules, _ = BUILTIN_ROOTS["mobilenet_v2_imagenet"].load()
+    return modules
+
+
+def _maps(mbv2, upto: int, n=3, size=64):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return Chain(mbv2[:upto])(torch.rand(n, 3, size, size))
+
+
+def test_cnn_insertions_are_the_identity(mbv2):
+    from munet.evolution.mutations import adapter_after, identity_layer_after
+
+    for at in (2, 8, 17, 19):  # after blocks of 24, 64, 320 channels and the 1280-channel last conv
+        x = _maps(mbv2, at)
+        ada = adapter_after(mbv2[at - 1], 32).eval()
+        with torch.no_grad():
+            assert torch.equal(ada(x), x)
+        blk = identity_layer_after(mbv2[at - 1])
+        if mbv2[at - 1].kind == "conv_1x1":
+            assert blk is None  # a 1280-channel block would hold ~20M weights: not offered
+            continue
+        # even with BatchNorm statistics measured on data (train mode) the block adds exactly zero
+        blk.train()
+        for bn in (m for m in blk.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.train()
+        with torch.no_grad():
+            assert torch.equal(blk(x), x)
+
+
+def test_cnn_widening_preserves_the_block_and_trains(mbv2):
+    from munet.evolution.mutations import expansions
+
+    block = mbv2[10]
+    x = _maps(mbv2, 10)
+    (name, fn), = expansions(block)
+    wide = fn(clone(block), np.random.default_rng(0)).eval()
+    assert name == "widen" and wide.cfg.hidden == block.cfg.hidden * 3 // 2
+    with torch.no_grad():
+        assert torch.allclose(wide(x), block(x), atol=1e-5, rtol=0)
+    wide.train()
+    wide(x).square().sum().backward()
+    assert wide.project.weight.grad[:, block.cfg.hidden:].abs().sum() > 0
+
+
+def test_cloned_cnn_blocks_keep_frozen_batchnorm_statistics(mbv2):
+    block = clone(mbv2[5])
+    before = block.dw_bn.running_mean.clone()
+    x = _maps(mbv2, 5, n=8)
+    assert block.training and not block.dw_bn.training  # BatchNorm stays in inference mode
+    block(x).sum().backward()
+    assert torch.equal(block.dw_bn.running_mean, before)
+    assert block.dw_bn.weight.grad is not None  # its scale and shift still train
+
+
+def test_mutated_cnn_path_keeps_the_function_and_fits_the_head(mbv2):
+    ids = [f"m{i}" for i in range(len(mbv2))]
+    parent = list(zip(ids, mbv2, strict=True))
+    from munet.models.mobilenet import PoolHead
+
+    head = PoolHead.fresh(1280, 5)
+    with torch.no_grad():
+        head.fc.weight.normal_()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = Chain([*mbv2[:-1], head.eval()])(x)
+    seen = set()
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        cand = mutate_path("t", [*parent[:-1], ("h", head)], "t", 1, {**DEFAULT_HPARAMS, "mu": 0.3}, head,
+                           parent[1:-1], rng, max_blocks=len(mbv2))
+        mods = [s.module if s.trainable else dict(parent)[s.module_id] for s in cand.slots]
+        seen.update(m.split(":")[0] for m in cand.mutations)
+        for m in mods:
+            m.eval()
+        with torch.no_grad():
+            out = Chain(mods)(x)  # every candidate runs: channels always line up, the head included
+        assert out.shape == (2, 5)
+        if any(m.startswith(("remove_layer", "restore_layer", "add_layer", "new_head")) for m in cand.mutations):
+            continue
+        assert torch.allclose(out, ref, atol=1e-4), cand.mutations
+    assert {"clone", "insert_adapter", "remove_layer", "widen"} <= seen

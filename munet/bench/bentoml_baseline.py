@@ -3,7 +3,7 @@
     MUNET_BASELINE_ONNX=/path/model.onnx bentoml serve munet.bench.bentoml_baseline:Baseline --port 3100
 
 It is what one would write without munet: the whole path exported as ONE ONNX model, one session,
-BentoML's adaptive batching in front. POST /predict {"x": [image, ...]} takes (N, 32, 32, 3) uint8
+BentoML's adaptive batching in front. POST /predict {"x": [image, ...]} takes (N, S, S, 3) uint8
 pixel values as nested lists (as munet's clients send raw uint8 pixels) and returns (N, C) logits.
 
 The session uses the same options as munet's runtime (graph optimisation ALL, no thread spinning,
@@ -52,11 +52,12 @@ class Baseline:
         self.session = ort.InferenceSession(path, sess_options=so, providers=_providers())
         self.input_name = self.session.get_inputs()[0].name
         self.ort_version = ort.__version__
-        self.session.run(None, {self.input_name: np.zeros((1, 3, 32, 32), np.float32)})
+        size = int(os.environ.get("MUNET_BASELINE_SIZE", "32"))  # the served task's input size
+        self.session.run(None, {self.input_name: np.zeros((1, 3, size, size), np.float32)})
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     def predict(self, x: np.ndarray) -> np.ndarray:
-        # (N, 32, 32, 3) pixel values -> (N, 3, 32, 32) float32 in [0, 1], as munet's server does
+        # (N, S, S, 3) pixel values -> (N, 3, S, S) float32 in [0, 1], as munet's server does
         x = np.asarray(x, dtype=np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x)})[0]
 

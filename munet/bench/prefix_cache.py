@@ -24,7 +24,7 @@ from munet.data.images import to_model_input
 from munet.data.splits import TRAIN, VALIDATION, split_indices
 from munet.evolution.mutations import DEFAULT_HPARAMS, clone
 from munet.evolution.train import fit_head, run_modules, train_candidate
-from munet.models.pretrain import load_root
+from munet.models.roots import get_root_spec, input_size
 
 
 class _Frozen(nn.Module):
@@ -41,13 +41,16 @@ class _Frozen(nn.Module):
         return x
 
 
-def run(task: str, n_train: int, steps: int, cloned: int, batch: int, threads: int, seed: int) -> dict:
+def run(task: str, n_train: int, steps: int, cloned: int, batch: int, threads: int, seed: int,
+        root: str = "mobilenet_v2_imagenet") -> dict:
     torch.set_num_threads(threads)
-    ds = load_builtin(task, max_examples=n_train + n_train // 4, seed=seed)
+    spec = get_root_spec(root)
+    size = input_size(spec)
+    ds = load_builtin(task, max_examples=n_train + n_train // 4, seed=seed, size=size)
     split = split_indices(ds.y, seed, 0.2, 0.0)
     xt, yt = ds.x[split == TRAIN], ds.y[split == TRAIN]
     xv, yv = ds.x[split == VALIDATION], ds.y[split == VALIDATION]
-    modules, _ = load_root()
+    modules, _ = spec.load()
     trunk = modules[:-1]
     prefix, top = trunk[: len(trunk) - cloned], trunk[len(trunk) - cloned:]
     hp = dict(DEFAULT_HPARAMS)
@@ -55,8 +58,8 @@ def run(task: str, n_train: int, steps: int, cloned: int, batch: int, threads: i
     for mode in ("cached prefix", "prefix every step"):
         torch.manual_seed(seed)
         trainable = [clone(m) for m in top]
-        feats = run_modules(trunk, xt[:512])
-        head, _ = fit_head(feats, yt[:512], len(ds.labels), init_norm=modules[-1].norm, epochs=5, seed=seed)
+        feats = run_modules(trunk, xt[:512], reduce=type(modules[-1]).reduce)
+        head, _ = fit_head(feats, yt[:512], len(ds.labels), like=modules[-1], epochs=5, seed=seed)
         trainable.append(head.train())
         t0 = time.perf_counter()
         if mode == "cached prefix":
@@ -78,6 +81,7 @@ def run(task: str, n_train: int, steps: int, cloned: int, batch: int, threads: i
     cached, full = rows
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": _machine(), "task": task,
+        "root": root, "image_size": size,
         "train_examples": len(yt), "cloned_blocks": cloned, "frozen_prefix_modules": len(prefix),
         "batch": batch, "threads": threads, "rows": rows,
         "speedup_per_step": round(full["ms_per_step"] / cached["ms_per_step"], 2),
@@ -100,7 +104,8 @@ def _machine() -> str:
 
 def table(r: dict) -> str:
     lines = [f"prefix cache, {r['date']}, {r['machine']}",
-             (f"task {r['task']}, {r['train_examples']} train examples, top {r['cloned_blocks']} block(s) cloned, "
+             (f"root {r['root']} at {r['image_size']} px, task {r['task']}, {r['train_examples']} train examples, "
+              f"top {r['cloned_blocks']} layer(s) cloned, "
              f"{r['frozen_prefix_modules']} frozen prefix modules, batch {r['batch']}, {r['threads']} thread(s)"), "",
              "| mode | prefix outputs (s) | training (s) | steps | ms/step | validation acc |",
              "|---|---|---|---|---|---|"]
@@ -117,13 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default="fashion_mnist")
     p.add_argument("--train", type=int, default=4000, help="training examples")
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--cloned", type=int, default=1, help="top blocks cloned (trainable)")
+    p.add_argument("--cloned", type=int, default=2, help="top layers cloned (trainable)")
+    p.add_argument("--root", default="mobilenet_v2_imagenet", help="root (`munet roots list`)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the server trains with 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     a = p.parse_args(argv)
-    r = run(a.task, a.train, a.steps, a.cloned, a.batch, a.threads, a.seed)
+    r = run(a.task, a.train, a.steps, a.cloned, a.batch, a.threads, a.seed, a.root)
     text = table(r)
     print(text)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,12 @@ Budget, in examples processed per task (an example = one image through a forward
 of the trained modules): fine-tuning runs `budget / len(ft_lrs)` examples per learning rate; munet's
 evolution gets the same total, as generations x candidates x steps x train_batch_size (the steps are
 read from the in-process evolution reports, not assumed). Head fits on cached trunk features (the
-probe, and munet's registration probe of up to 4 trunks) are reported separately: they train a
-LayerNorm and a linear layer on one 96-d token per image, ~1/30,000 of a full step's arithmetic.
+probe, and munet's registration probe of up to 4 trunks) are reported separately: they train one
+linear layer (and the ViT's final LayerNorm) on one pooled feature vector per image, a tiny fraction
+of a full step's arithmetic.
+
+The root is `--root` (default the ImageNet MobileNetV2, at its CPU input size of 96 px; `vit_tiny`
+is the small committed ViT at 32 px). Every method starts from the same root and sees the same images.
 
 Parameters per task: probe = the head; fine-tuning = the whole model; munet = "added" (modules in
 its final path that neither the root nor an earlier task had) and "accounted" (each module's
@@ -101,7 +105,8 @@ class Settings:
     head_epochs: int = 30  # munet's head_train_epochs, also the probe's
     identity_inputs: int = 64  # fixed inputs per task for the bit-identity check (<= max_batch_size)
     threads: int = 2
-    root_dir: str | None = None
+    root: str = "mobilenet_v2_imagenet"  # a built-in root, or one imported into MUNET_HOME
+    image_size: int = 0  # 0: the root's CPU input size
     out_dir: str | None = "bench-results"
     keep: bool = False
     verbose: bool = False
@@ -134,7 +139,7 @@ class Settings:
 class TaskData:
     name: str
     labels: list[str]
-    x: dict[int, np.ndarray]  # split code -> (N, 32, 32, 3) uint8
+    x: dict[int, np.ndarray]  # split code -> (N, S, S, 3) uint8 at the root's input size
     y: dict[int, np.ndarray]  # split code -> (N,) int64
     split_source: str
 
@@ -162,13 +167,14 @@ def resolve_tasks(requested: list[str]) -> list[str]:
     return tasks
 
 
-def prepare_task(name: str, s: Settings) -> TaskData:
+def prepare_task(name: str, s: Settings, size: int) -> TaskData:
     """The task's fixed split: the loader's own where it has one (official test sets), else a seeded,
-    stratified one; each part capped by a seeded, stratified subsample."""
-    from munet.data.builtin import load_builtin
+    stratified one; each part capped by a seeded, stratified subsample, then converted to `size`."""
+    from munet.data.builtin import BUILTIN
+    from munet.data.images import batch_to_rgb
     from munet.data.splits import TEST, TRAIN, VALIDATION, split_indices, stratified_subsample
 
-    ds = load_builtin(name)
+    ds = BUILTIN[name].load()  # native sizes: only the kept examples are converted
     if ds.split is not None and (ds.split == TEST).any() and (ds.split == VALIDATION).any():
         codes, source = np.asarray(ds.split), "load_builtin's split (the official test set where there is one)"
     else:
@@ -178,7 +184,7 @@ def prepare_task(name: str, s: Settings) -> TaskData:
     for code, cap in ((TRAIN, s.max_train), (VALIDATION, s.max_val), (TEST, s.max_test)):
         members = np.flatnonzero(codes == code)
         keep = members[stratified_subsample(ds.y[members], min(cap, len(members)), s.seed)]
-        x[code] = np.ascontiguousarray(ds.x[keep])
+        x[code] = batch_to_rgb(np.ascontiguousarray(ds.x[keep]), size)
         y[code] = np.asarray(ds.y[keep], dtype=np.int64)
     return TaskData(name, list(ds.labels), x, y, source)
 
@@ -188,46 +194,36 @@ def prepare_task(name: str, s: Settings) -> TaskData:
 
 @dataclass
 class Root:
-    dir: Path
-    modules: list  # embed, blocks..., head (eval mode, frozen)
+    name: str
+    modules: list  # first module, layers..., head (eval mode, frozen)
     info: dict
     ids: list[str]  # content ids, exactly as the server's store names them
     params: list[int]
-    committed: bool
+    builtin: bool
+    image_size: int
 
     @property
     def trunk_params(self) -> int:
         return sum(self.params[:-1])
 
 
-def resolve_root_dir(s: Settings) -> Path:
-    from munet.models.root import ASSETS
-
-    if s.root_dir:
-        d = Path(s.root_dir)
-    elif os.environ.get("MUNET_ROOT_DIR"):
-        d = Path(os.environ["MUNET_ROOT_DIR"])
-    else:
-        d = ASSETS
-    if not (d / "root.safetensors").is_file():
-        raise BenchError(f"no root checkpoint in {d}: pass --root-dir DIR or set MUNET_ROOT_DIR "
-                         "(`munet pretrain` makes one)")
-    return d.resolve()
-
-
-def load_root_model(d: Path) -> Root:
-    from munet.models.pretrain import load_root
-    from munet.models.root import ASSETS
+def load_root_model(s: Settings) -> Root:
+    from munet.config import Config
+    from munet.models.modules import count_params, module_config
+    from munet.models.roots import BUILTIN_ROOTS, RootUnavailable, get_root_spec, input_size
     from munet.models.store import content_id
-    from munet.models.vit import count_params, module_config
 
-    modules, info = load_root(d)
+    try:
+        spec = get_root_spec(s.root, Config.from_env().home)
+        modules, info = spec.load()
+    except RootUnavailable as e:
+        raise BenchError(str(e)) from None
     for m in modules:
         for p in m.parameters():
             p.requires_grad_(False)
     ids = [content_id(m.kind, module_config(m), m) for m in modules]
-    committed = d.resolve() == ASSETS.resolve()
-    return Root(d, modules, info, ids, [count_params(m) for m in modules], committed)
+    return Root(s.root, modules, info, ids, [count_params(m) for m in modules], s.root in BUILTIN_ROOTS,
+                input_size(spec, s.image_size))
 
 
 # ---- method 1: linear probe ---------------------------------------------------------------------
@@ -238,21 +234,21 @@ def run_probe(root: Root, data: TaskData, s: Settings) -> dict:
 
     from munet.data.splits import TEST, TRAIN, VALIDATION
     from munet.evolution.train import accuracy, fit_head, run_modules
-    from munet.models.vit import count_params
+    from munet.models.modules import count_params
 
     torch.set_num_threads(s.threads)
     t0 = time.perf_counter()
-    feats = {c: run_modules(root.modules[:-1], data.x[c]) for c in (TRAIN, VALIDATION, TEST)}
-    head, _ = fit_head(feats[TRAIN], data.y[TRAIN], len(data.labels), init_norm=root.modules[-1].norm,
-                       epochs=s.head_epochs, seed=s.seed)
+    like = root.modules[-1]
+    feats = {c: run_modules(root.modules[:-1], data.x[c], reduce=type(like).reduce) for c in (TRAIN, VALIDATION, TEST)}
+    head, _ = fit_head(feats[TRAIN], data.y[TRAIN], len(data.labels), like=like, epochs=s.head_epochs, seed=s.seed)
     train_s = time.perf_counter() - t0
-    val = accuracy(head, feats[VALIDATION][:, :1], data.y[VALIDATION])
-    test = accuracy(head, feats[TEST][:, :1], data.y[TEST])
+    val = accuracy(head, feats[VALIDATION], data.y[VALIDATION])
+    test = accuracy(head, feats[TEST], data.y[TEST])
     n_head = count_params(head)
     return {"test_accuracy": test, "validation_accuracy": val, "added_params": n_head,
             "model_params": root.trunk_params + n_head, "network_examples": 0,
             "head_fit_examples": s.head_epochs * len(data.y[TRAIN]), "train_wall_s": round(train_s, 2),
-            "recipe": f"root trunk frozen; head (LayerNorm from the root + zero-init linear) by AdamW "
+            "recipe": f"root trunk frozen; new zero-init head (the ViT's final LayerNorm from the root) by AdamW "
                       f"lr 3e-3, {s.head_epochs} epochs, batch 256 on cached trunk outputs"}
 
 
@@ -266,13 +262,11 @@ def _finetune_once(root: Root, data: TaskData, s: Settings, lr: float) -> tuple[
 
     from munet.data.images import to_model_input
     from munet.data.splits import TRAIN, VALIDATION
-    from munet.models.vit import Chain, Head, HeadConfig
+    from munet.models.vit import Chain
 
     torch.manual_seed(s.seed)
-    head = Head(HeadConfig(root.modules[-1].cfg.dim, len(data.labels)))
-    head.norm.load_state_dict(root.modules[-1].norm.state_dict())
-    torch.nn.init.zeros_(head.fc.weight)
-    torch.nn.init.zeros_(head.fc.bias)
+    like = root.modules[-1]
+    head = type(like).fresh(like.cfg.dim, len(data.labels), like=like)
     model = Chain([copy.deepcopy(m) for m in root.modules[:-1]] + [head])
     for p in model.parameters():
         p.requires_grad_(True)
@@ -333,7 +327,7 @@ def run_finetune(root: Root, data: TaskData, s: Settings) -> dict:
 
     from munet.data.images import to_model_input
     from munet.data.splits import TEST
-    from munet.models.vit import count_params
+    from munet.models.modules import count_params
 
     torch.set_num_threads(s.threads)
     runs, best = [], None
@@ -351,7 +345,7 @@ def run_finetune(root: Root, data: TaskData, s: Settings) -> dict:
     n = count_params(model)
     return {"test_accuracy": test, "validation_accuracy": val, "lr": lr, "added_params": n, "model_params": n,
             "network_examples": examples, "head_fit_examples": 0, "train_wall_s": round(secs, 2), "runs": runs,
-            "recipe": f"all parameters trainable; AdamW (wd {s.ft_weight_decay}, none on norms/biases/tokens), "
+            "recipe": f"all parameters trainable (BatchNorm statistics frozen, as in munet); AdamW (wd {s.ft_weight_decay}, none on norms/biases/tokens), "
                       f"{s.ft_steps} steps of batch {s.ft_batch} per lr, 10% linear warm-up then cosine, "
                       f"grad clip 1.0, best of {s.ft_evals} validation evaluations kept; lr in "
                       f"{', '.join(f'{v:g}' for v in s.ft_lrs)} chosen on validation"}
@@ -380,13 +374,13 @@ class LoopThread:
 class MunetServer:
     """The production wiring (App.build, start, scheduler on demand, gRPC on loopback) in this process."""
 
-    def __init__(self, s: Settings, root_dir: Path, home: Path):
+    def __init__(self, s: Settings, root: str, home: Path):
         from munet.app import App
         from munet.client import MunetClient
         from munet.config import Config
 
         self.config = Config.from_env(
-            home=home, root_dir=root_dir, demo_task=False, scheduler_enabled=False,
+            home=home, root=root, image_size=s.image_size, demo_task=False, scheduler_enabled=False,
             providers=["CPUExecutionProvider"], intra_op_threads=s.threads, training_threads=s.threads,
             candidates_per_generation=s.candidates, candidate_max_steps=s.munet_steps,
             candidate_budget_s=LONG_BUDGET_S, train_batch_size=s.train_batch, head_train_epochs=s.head_epochs,
@@ -587,10 +581,9 @@ def run(s: Settings, command: str = "munet bench quality") -> dict:
     else:
         logging.getLogger("munet").setLevel(logging.WARNING)
     tasks = resolve_tasks(s.tasks)
-    root_dir = resolve_root_dir(s)
-    root = load_root_model(root_dir)
+    root = load_root_model(s)
     info = machine_info(s)
-    _say(f"tasks {', '.join(tasks)}; root {root_dir}{'' if root.committed else ' (NOT the committed root)'}; "
+    _say(f"tasks {', '.join(tasks)}; root {root.name} at {root.image_size} px; "
          f"budget {s.budget} examples per task; fine-tune {len(s.ft_lrs)} lr x {s.ft_steps} steps x "
          f"{s.ft_batch}; munet {s.generations} generations x {s.candidates} candidates x "
          f"{s.munet_steps} steps x {s.train_batch}; {s.threads} threads")
@@ -602,10 +595,10 @@ def run(s: Settings, command: str = "munet bench quality") -> dict:
     datas: dict[str, TaskData] = {}
     server = None
     try:
-        server = MunetServer(s, root_dir, home / "store")
+        server = MunetServer(s, root.name, home / "store")
         for i, name in enumerate(tasks):
             t0 = time.perf_counter()
-            data = prepare_task(name, s)
+            data = prepare_task(name, s, root.image_size)
             datas[name] = data
             _say(f"[{i + 1}/{len(tasks)}] {name}: {len(data.labels)} classes, {data.sizes()} ({data.split_source})")
             row: dict[str, Any] = {"classes": len(data.labels), "sizes": data.sizes(), "split": data.split_source}
@@ -679,7 +672,8 @@ def run(s: Settings, command: str = "munet bench quality") -> dict:
     }
     return {
         "benchmark": "quality", "command": command, "machine": info, "settings": asdict(s),
-        "root": {"dir": str(root_dir), "committed": root.committed, "params": sum(root.params),
+        "root": {"name": root.name, "builtin": root.builtin, "image_size": root.image_size,
+                 "params": sum(root.params),
                  "trunk_params": root.trunk_params,
                  "validation_accuracy": root.info.get("validation_accuracy"),
                  "epochs": root.info.get("training", {}).get("epochs"), "test": root.info.get("test")},
@@ -725,9 +719,8 @@ def to_markdown(r: dict) -> str:
         (f"- machine: {m['cpu_model']}, {m['nproc']} cores, {m['threads']} torch/ORT threads, {m['platform']}, "
         f"Python {m['python']}, torch {m['torch']}; load average at start {m['load_average_at_start']}"),
         f"- command: `{r['command']}`",
-        (f"- root: `{root['dir']}` ({'the committed root' if root['committed'] else 'NOT the committed root: a stand-in'}"
-        f", {_k(root['params'])} params, pretraining validation accuracy "
-        f"{_pct(root['validation_accuracy']) if root['validation_accuracy'] is not None else 'n/a'}%)"),
+        (f"- root: `{root['name']}` ({'built in' if root['builtin'] else 'imported'}, {root['image_size']} px, "
+        f"{_k(root['params'])} params)"),
         (f"- budget per task and method: {s['budget']} examples (forward+backward). Fine-tune: "
         f"{len(s['ft_lrs'])} lr x {r['derived']['ft_steps_per_lr']} steps x batch {s['ft_batch']}. munet: "
         f"{s['generations']} generations x {s['candidates']} candidates x {r['derived']['munet_candidate_max_steps']} "
@@ -844,7 +837,7 @@ def write_chart(r: dict, path: Path) -> None:
         ax.legend(fontsize=8, ncols=3, loc="upper center")
     sm = r["summary"]
     fig.suptitle(f"munet-serve quality ({r['machine']['date'][:10]}, budget {r['settings']['budget']} examples/task"
-                 f"{', stand-in root' if not r['root']['committed'] else ''}): munet − fine-tune "
+                 f", root {r['root']['name']}): munet − fine-tune "
                  f"{100 * sm['munet_minus_finetune_accuracy']:+.2f} pts, params/task "
                  f"{100 * sm['munet_over_finetune_params_per_task']:.0f}%, target met: "
                  f"{'yes' if sm['target_met'] else 'no'}", fontsize=9)
@@ -886,7 +879,8 @@ def parse_args(argv: list[str]) -> Settings:
                                                        f"(default {d.identity_inputs})")
     p.add_argument("--seed", type=int, help="split and training seed (default 0)")
     p.add_argument("--threads", type=int, help="torch and ONNX Runtime threads (default: min(2, cores))")
-    p.add_argument("--root-dir", help="root checkpoint folder (default: MUNET_ROOT_DIR or the committed one)")
+    p.add_argument("--root", help=f"root to start every method from (default {d.root}; see `munet roots list`)")
+    p.add_argument("--image-size", type=int, help="input size for a convolutional root (default: the root's, 96)")
     p.add_argument("--out", help="results folder (default bench-results)")
     p.add_argument("--no-write", action="store_true", help="print only; write no files")
     p.add_argument("--json", action="store_true", help="print the JSON results on stdout instead of markdown")
@@ -895,7 +889,7 @@ def parse_args(argv: list[str]) -> Settings:
     a = p.parse_args(argv)
     overrides: dict[str, Any] = {}
     for key in ("max_train", "max_val", "max_test", "budget", "ft_batch", "generations", "candidates",
-                "train_batch", "head_epochs", "identity_inputs", "seed", "threads", "root_dir"):
+                "train_batch", "head_epochs", "identity_inputs", "seed", "threads", "root", "image_size"):
         v = getattr(a, key)
         if v is not None:
             overrides[key] = v

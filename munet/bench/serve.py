@@ -77,7 +77,7 @@ class Settings:
     promotion_post_s: float = 2.0  # and after the promotion returned
     restart_memory: bool = True  # also restart the server on its 10-task store and measure RSS once more
     request_timeout_s: float = 30.0
-    root_dir: str | None = None  # root checkpoint folder (default: MUNET_ROOT_DIR or the committed one)
+    root: str = "mobilenet_v2_imagenet"  # the root every task grows from (`munet roots list`)
     out_dir: str | None = "bench-results"  # None: write nothing
     keep: bool = False  # keep the temporary folder (store, logs, merged model)
     server_env: dict[str, str] = field(default_factory=dict)  # extra MUNET_* for the munet server
@@ -585,19 +585,17 @@ def measure_inproc(key: str, name: str, run: Callable[[np.ndarray], np.ndarray],
 
 
 def _root_env(settings: Settings) -> dict[str, str]:
-    if settings.root_dir:
-        return {"MUNET_ROOT_DIR": str(Path(settings.root_dir).resolve())}
-    if os.environ.get("MUNET_ROOT_DIR"):
-        return {}
-    from munet.models.root import ASSETS
+    from munet.models.roots import RootUnavailable, get_root_spec
 
-    if not (ASSETS / "root.safetensors").exists():
-        raise BenchError(f"no root checkpoint in {ASSETS}: pass --root-dir DIR or set MUNET_ROOT_DIR "
-                         f"(`munet pretrain` makes one)")
-    return {}
+    try:
+        spec = get_root_spec(settings.root)
+        spec.load()  # fails now, with the reason, if its weights are not installed
+    except RootUnavailable as e:
+        raise BenchError(str(e)) from None
+    return {"MUNET_ROOT": settings.root}
 
 
-def export_merged(store: Any, module_ids: list[str], path: Path) -> float:
+def export_merged(store: Any, module_ids: list[str], path: Path, size: int) -> float:
     """The path's modules as ONE ONNX model (`Chain`, dynamic batch), exported as `export_module` does.
 
     Returns the largest absolute difference to torch on a few random inputs.
@@ -613,10 +611,10 @@ def export_merged(store: Any, module_ids: list[str], path: Path) -> float:
     chain = Chain([store.load_module(m).eval() for m in module_ids]).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(chain, (torch.rand(2, 3, 32, 32),), str(path), input_names=[INPUT], output_names=[OUTPUT],
-                          opset_version=OPSET, dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-                          dynamo=False)
-    x = np.random.default_rng(3).random((5, 3, 32, 32), dtype=np.float32)
+        torch.onnx.export(chain, (torch.rand(2, 3, size, size),), str(path), input_names=[INPUT],
+                          output_names=[OUTPUT], opset_version=OPSET,
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, dynamo=False)
+    x = np.random.default_rng(3).random((5, 3, size, size), dtype=np.float32)
     with torch.no_grad():
         ref = chain(torch.from_numpy(x)).numpy()
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {INPUT: x})[0]
@@ -681,8 +679,11 @@ def run_bench(settings: Settings) -> dict:
         client.register_task(tasks[0], builtin="uci_digits", max_examples=s.max_examples, seed=0)
         _log(f"registered {tasks[0]} in {time.monotonic() - t0:.1f} s")
 
-        # the same inputs everywhere: 64 seeded random images, uint8 HWC
-        images = np.random.default_rng(0).integers(0, 256, (s.big_batch, 32, 32, 3), dtype=np.uint8)
+        # the same inputs everywhere: 64 seeded random images, uint8 HWC at the task's input size (so
+        # every row measures the model and transport, not a resize only the server would do)
+        size = client.get_task(tasks[0]).image_size
+        results["image_size"] = size
+        images = np.random.default_rng(0).integers(0, 256, (s.big_batch, size, size, 3), dtype=np.uint8)
         one = images[:1]
 
         # ---- 1. raw ONNX Runtime in this process ------------------------------------------
@@ -694,10 +695,10 @@ def run_bench(settings: Settings) -> dict:
         rec = store.get_path(tasks[0])
         labels = store.get_task(tasks[0]).labels
         runtime = Runtime(store, cfg.providers, cfg.intra_op_threads)
-        served = runtime.prepare(rec, labels)
+        served = runtime.prepare(rec, labels, size)
         x1, x64 = to_model_input(one), to_model_input(images)
         merged_path = tmp / "merged.onnx"
-        parity = export_merged(store, list(rec.modules), merged_path)
+        parity = export_merged(store, list(rec.modules), merged_path, size)
         import onnxruntime as ort
 
         merged = ort.InferenceSession(str(merged_path), sess_options=runtime.pool._options(),
@@ -747,7 +748,7 @@ def run_bench(settings: Settings) -> dict:
 
         # ---- 3 (start) + 4 (register): the baseline starts while nine more tasks register --------
         bento_port = _free_port()
-        benv = {**os.environ, "MUNET_BASELINE_ONNX": str(merged_path),
+        benv = {**os.environ, "MUNET_BASELINE_ONNX": str(merged_path), "MUNET_BASELINE_SIZE": str(size),
                 "MUNET_BASELINE_INTRA_OP": str(cfg.intra_op_threads),
                 "MUNET_BASELINE_PROVIDERS": ",".join(runtime.pool.providers),
                 "BENTOML_HOME": str(tmp / "bentoml-baseline"), "BENTOML_DO_NOT_TRACK": "True"}
@@ -1066,7 +1067,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--tasks", type=int, help="tasks for the mixed row (default 10)")
     p.add_argument("--max-examples", type=int, help="examples per registered task (default 300, quick 120)")
     p.add_argument("--promotion-rate", type=float, help="requests/s during the promotion (default 100)")
-    p.add_argument("--root-dir", help="root checkpoint folder (default: MUNET_ROOT_DIR or the committed one)")
+    p.add_argument("--root", help="root the tasks grow from (default mobilenet_v2_imagenet; `munet roots list`)")
     p.add_argument("--out", default="bench-results", help="results folder (default bench-results)")
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
@@ -1085,7 +1086,9 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         if not sep or not k.strip():
             p.error(f"--server-config wants FIELD=VALUE, got {item!r}")
         server_env[f"MUNET_{k.strip().upper()}"] = v.strip()
-    overrides.update(root_dir=a.root_dir, out_dir=None if a.no_write else a.out, keep=a.keep, server_env=server_env)
+    if a.root:
+        overrides["root"] = a.root
+    overrides.update(out_dir=None if a.no_write else a.out, keep=a.keep, server_env=server_env)
     return (Settings.quick_settings(**overrides) if a.quick else Settings(**overrides)), a
 
 

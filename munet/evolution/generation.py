@@ -16,11 +16,11 @@ from munet import metrics
 from munet.config import Config
 from munet.data.images import to_model_input
 from munet.data.splits import TEST, TRAIN, VALIDATION
-from munet.evolution.mutations import DEFAULT_HPARAMS, Candidate, mutate_path
+from munet.evolution.mutations import DEFAULT_HPARAMS, Candidate, is_conv, mutate_path
 from munet.evolution.promotion import persist_candidate, promote
 from munet.evolution.scoring import score as scale_score
-from munet.evolution.train import PrefixCache, run_modules, train_candidate
-from munet.models.root import ensure_root, root_params
+from munet.evolution.train import FrozenRunner, PrefixCache, train_candidate
+from munet.models.roots import all_root_modules, ensure_root, root_params
 from munet.models.store import PathRecord, Store
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class Evolver:
         self.activate = activate
         self.should_pause = should_pause
         self.cache = PrefixCache()
+        self.runner = FrozenRunner(store, config.training_threads)
         self.offspring: dict[tuple[str, int | None], int] = {}
         self.generations: dict[str, int] = {}
 
@@ -94,8 +95,16 @@ class Evolver:
     def _features(self, prefix: list[str], x: np.ndarray, key: tuple) -> torch.Tensor:
         if not prefix:
             return torch.from_numpy(to_model_input(x))
-        mods = [self.store.load_module(m) for m in prefix]
-        return self.cache.get((tuple(prefix), *key), lambda: run_modules(mods, x))
+        return self.cache.get((tuple(prefix), *key), lambda: self.runner.run(prefix, x))
+
+    def _cacheable(self, prefix: list[str], x: np.ndarray, n: int) -> bool:
+        """Whether `n` examples' outputs of `prefix` fit the cache: an early MobileNetV2 prefix outputs
+        more numbers per image than the image has (32x48x48 after the stem at 96 px), and is cheap to
+        recompute; such candidates train through the frozen prefix on the raw images instead."""
+        if not prefix or not len(x):
+            return bool(prefix)
+        per_example = self.runner.run(prefix, x[:1]).numel()
+        return per_example * 2 * n <= self.cache.max_bytes // 2
 
     def path_accuracy(self, rec: PathRecord, split: int, x: np.ndarray, y: np.ndarray, key: tuple) -> float:
         if len(y) == 0:
@@ -120,8 +129,8 @@ class Evolver:
             return rec
         acc = self.path_accuracy(rec, VALIDATION, xv, yv, (rec.task, ev, "val"))
         rec.validation_accuracy = acc
-        rec.score = scale_score(acc, self.accounted(rec.task, rec.modules), root_params(self.store),
-                                self.config.scale_base)
+        rec.score = scale_score(acc, self.accounted(rec.task, rec.modules),
+                                root_params(self.store, self.store.get_task(rec.task).root), self.config.scale_base)
         rec.lineage["examples_version"] = ev
         self.store.update_path(rec.task, rec.version, validation_accuracy=acc, score=rec.score,
                                lineage=rec.lineage)
@@ -139,12 +148,15 @@ class Evolver:
         return pool[int(rng.integers(len(pool)))]
 
     def seed_paths(self, task: str, own_head: str) -> list[PathRecord]:
-        """Cross-task parents: other tasks' current paths and the root, each with this task's head."""
-        root = ensure_root(self.store)
+        """Cross-task parents: the current paths of other tasks on the same root, and the root itself,
+        each with this task's head."""
+        root_name = self.store.get_task(task).root
+        root = ensure_root(self.store, root_name)
         seeds = [PathRecord(task="root", version=0, modules=[*root[:-1], own_head],
                             hparams=dict(DEFAULT_HPARAMS))]
+        same_root = {t.name for t in self.store.list_tasks() if t.root == root_name and t.name != task}
         for t, rec in sorted(self.store.current_paths().items()):
-            if t != task:
+            if t in same_root:
                 seeds.append(PathRecord(task=t, version=rec.version, modules=[*rec.modules[:-1], own_head],
                                         hparams=dict(rec.hparams)))
         return seeds
@@ -174,9 +186,10 @@ class Evolver:
         population.sort(key=lambda r: -(r.score or 0.0))
         own_head = incumbent.modules[-1]
         seeds = self.seed_paths(task, own_head)
-        root = ensure_root(self.store)
+        root_name = self.store.get_task(task).root
+        root = ensure_root(self.store, root_name)
         root_blocks = [(m, self.store.load_module(m)) for m in root[1:-1]]
-        n_root = root_params(self.store)
+        n_root = root_params(self.store, root_name)
         head_module = self.store.load_module(own_head)
         best: tuple[float, Candidate, CandidateReport] | None = None
         trained: list[tuple[Candidate, CandidateReport]] = []
@@ -225,7 +238,7 @@ class Evolver:
             rec = persist_candidate(self.store, cand, rep.validation_accuracy, rep.score, self._lineage(cand, rep, ev))
             rep.version = rec.version
         self.store.prune_versions(task, cfg.keep_versions)
-        self.store.garbage_collect(protected=set(root), min_age_s=cfg.gc_min_age_s)
+        self.store.garbage_collect(protected=all_root_modules(self.store), min_age_s=cfg.gc_min_age_s)
         report.seconds = time.perf_counter() - t_start
         return report
 
@@ -238,17 +251,21 @@ class Evolver:
     def _train(self, cand: Candidate, xt: np.ndarray, yt: np.ndarray, xv: np.ndarray, yv: np.ndarray, ev: str,
                budget_s: float, n_root: int, seed: int) -> CandidateReport:
         cfg = self.config
+        t0 = time.perf_counter()
         prefix = cand.frozen_prefix()
+        if prefix and not self._cacheable(prefix, xt, len(xt) + len(xv)):
+            prefix = []
         rest = cand.slots[len(prefix):]
         chain: list[nn.Module] = [s.module if s.trainable else self.store.load_module(s.module_id) for s in rest]
         trainable = cand.trainable_modules()
-        t0 = time.perf_counter()
+        # new convolutional blocks have no BatchNorm statistics yet: measured on this task's data
+        new_conv = [s.module for s in cand.slots if s.trainable and s.origin.startswith("new:") and is_conv(s.module)]
         train_in = self._features(prefix, xt, (cand.task, ev, "train"))
         val_in = self._features(prefix, xv, (cand.task, ev, "val"))
         prepare = time.perf_counter() - t0
         res = train_candidate(chain, trainable, train_in, yt, val_in, yv, cand.hparams, cfg.train_batch_size,
                               cfg.candidate_max_steps, budget_s, raw_images=not prefix, seed=seed,
-                              should_pause=self.should_pause)
+                              should_pause=self.should_pause, calibrate=new_conv)
         added = sum(p.numel() for m in trainable for p in m.parameters())
         frozen_ids = [s.module_id for s in cand.slots if not s.trainable]
         accounted = self.accounted(cand.task, frozen_ids, new_params=added)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from munet.models import mobilenet
 from munet.models.vit import Adapter, AdapterConfig, Block, BlockConfig
 
 HP_LISTS: dict[str, list] = {
@@ -109,19 +110,19 @@ def clone(module: nn.Module) -> nn.Module:
     return m.train()
 
 
-def new_adapter(dim: int, hidden: int) -> Adapter:
-    return Adapter(AdapterConfig(dim, hidden))  # zero up-projection: the identity at insertion
+def new_adapter(dim: int, hidden: int, eps: float = 1e-5) -> Adapter:
+    return Adapter(AdapterConfig(dim, hidden, eps))  # zero up-projection: the identity at insertion
 
 
 def identity_block(like: BlockConfig) -> Block:
-    return Block(BlockConfig(like.dim, like.heads, like.mlp_hidden, like.head_dim)).identity_init()
+    return Block.identity(like)
 
 
 @torch.no_grad()
 def widen_mlp(block: Block, extra: int, rng: np.random.Generator) -> Block:
     """MLP expansion (Gesmundo & Maile 2023): new fc1 rows are random, the new fc2 columns zero."""
     c = block.cfg
-    wide = Block(BlockConfig(c.dim, c.heads, c.mlp_hidden + extra, c.head_dim))
+    wide = Block(BlockConfig(c.dim, c.heads, c.mlp_hidden + extra, c.head_dim, c.eps))
     sd = wide.state_dict()
     for k, v in block.state_dict().items():
         if k.startswith("mlp."):
@@ -145,7 +146,7 @@ def add_heads(block: Block, extra: int, rng: np.random.Generator) -> Block:
     """Head addition (Gesmundo & Maile 2023): new heads' Q/K/V are random, their output projection zero."""
     c = block.cfg
     h2 = c.heads + extra
-    grown = Block(BlockConfig(c.dim, h2, c.mlp_hidden, c.head_dim))
+    grown = Block(BlockConfig(c.dim, h2, c.mlp_hidden, c.head_dim, c.eps))
     sd = grown.state_dict()
     for k, v in block.state_dict().items():
         if not k.startswith("attn."):
@@ -166,6 +167,56 @@ def add_heads(block: Block, extra: int, rng: np.random.Generator) -> Block:
     return grown
 
 
+# ---- family dispatch: what a layer of each root family can grow ---------------------------------
+
+
+def is_conv(module: nn.Module) -> bool:
+    return module.kind in mobilenet.MODULE_KINDS
+
+
+def in_dim(module: nn.Module) -> int | None:
+    """Channels (or width) a layer reads; None for a first module (it reads pixels)."""
+    cfg = module.cfg
+    if module.kind in ("embed", "conv_stem"):
+        return None
+    for name in ("inp", "channels", "dim"):
+        if hasattr(cfg, name):
+            return int(getattr(cfg, name))
+    return None
+
+
+def adapter_after(module: nn.Module, hidden: int) -> nn.Module:
+    """A residual adapter that fits after `module`, the identity at insertion."""
+    if is_conv(module):
+        return mobilenet.ConvAdapter(mobilenet.ConvAdapterConfig(module.out_dim, hidden))
+    return Adapter(AdapterConfig(module.out_dim, hidden, getattr(module.cfg, "eps", 1e-5)))
+
+
+def identity_layer_after(module: nn.Module) -> nn.Module | None:
+    """A new identity-initialised layer that fits after `module`, or None where the family has none
+    of a sensible size (after MobileNetV2's 1280-channel last conv a block would hold 20M weights)."""
+    if isinstance(module, Block):
+        return identity_block(module.cfg)
+    if isinstance(module, mobilenet.InvertedResidual):
+        return mobilenet.InvertedResidual.identity(module.cfg.oup)
+    return None
+
+
+def expansions(module: nn.Module) -> list[tuple[str, object]]:
+    """Function-preserving expansions a cloned layer may take: (name, fn(module, rng) -> module)."""
+    if isinstance(module, Block):
+        return [("widen_mlp", lambda m, rng: widen_mlp(m, m.cfg.mlp_hidden // 2, rng)),
+                ("add_head", lambda m, rng: add_heads(m, 1, rng))]
+    if isinstance(module, mobilenet.InvertedResidual) and module.cfg.expand:
+        return [("widen", lambda m, rng: m.widen(m.cfg.hidden // 2, rng))]
+    return []
+
+
+def new_head_like(head: nn.Module, dim: int) -> nn.Module:
+    """A new head for the same classes reading `dim` features (after layers were removed or restored)."""
+    return type(head).fresh(dim, head.cfg.num_classes, like=head)
+
+
 # ---- whole-path mutation ------------------------------------------------------------------------
 
 
@@ -183,60 +234,77 @@ def mutate_path(
 ) -> Candidate:
     """A child of `parent`: stored modules stay frozen unless cloned; the head always trains.
 
-    `parent_modules` are (id, module) for embed, layers..., head. The head is the task's own current
-    head (cloned) even when the parent is another task's path: its classes are this task's.
-    Modules in `own` (this task's alone: neither the root's nor in another task's path) are always
-    cloned, as muNet keeps training a task's unlocked components; the rest with probability mu.
+    `parent_modules` are (id, module) for the first module (embedding or stem), layers..., head;
+    `root_blocks` the root's layers after its first module, in order (what a removed top layer is
+    restored from). The head is the task's own current head (cloned) even when the parent is
+    another task's path: its classes are this task's; when the layers end in another width than it
+    reads, a new head of that width is trained instead. Modules in `own` (this task's alone: neither
+    the root's nor in another task's path) are always cloned, as muNet keeps training a task's
+    unlocked components; the rest with probability mu. Works for every root family: what a layer can
+    grow is asked of `adapter_after`, `identity_layer_after` and `expansions`.
     """
     mu = float(parent_hparams.get("mu", DEFAULT_HPARAMS["mu"]))
     hp, muts = mutate_hparams(parent_hparams, rng, mu)
     mu = hp["mu"]
-    embed = parent_modules[0]
+    first = parent_modules[0]
     layers = list(parent_modules[1:-1])
 
-    # layer removal / restoration: the number of blocks moves by one
-    blocks = [i for i, (_, m) in enumerate(layers) if m.kind == "block"]
+    # layer removal / restoration: the number of (non-adapter) layers moves by one
+    depth = [i for i, (_, m) in enumerate(layers) if m.kind not in ("adapter", "conv_adapter")]
     if rng.random() < mu:
-        if rng.random() < 0.5 and len(blocks) > 1:
-            layers = layers[: blocks[-1]]
+        top = layers[depth[-1]][1] if depth else first[1]
+        restore = root_blocks[len(depth)] if len(depth) < len(root_blocks) else None
+        if rng.random() < 0.5 and len(depth) > 1:
+            layers = layers[: depth[-1]]  # the top layer and any adapter after it
             muts.append("remove_layer")
-        elif len(blocks) < len(root_blocks):
-            layers.append(root_blocks[len(blocks)])
-            muts.append(f"restore_layer:{len(blocks)}")
-        elif len(blocks) < max_blocks:
-            layers.append(("", identity_block(layers[blocks[-1]][1].cfg)))
-            muts.append("add_layer")
+        elif restore is not None and in_dim(restore[1]) == top.out_dim:
+            layers.append(restore)
+            muts.append(f"restore_layer:{len(depth)}")
+        elif len(depth) < max_blocks and restore is None:
+            new = identity_layer_after(top)
+            if new is not None:
+                layers.append(("", new))
+                muts.append("add_layer")
 
     slots: list[Slot] = []
-    embed_slot = Slot(module_id=embed[0])
-    if embed[0] in own or rng.random() < mu:
-        embed_slot = Slot(module=clone(embed[1]), origin=f"clone:{embed[0]}")
-        muts.append("clone:embed")
-    slots.append(embed_slot)
-    dim = embed[1].cfg.dim
+    first_slot = Slot(module_id=first[0])
+    if first[0] in own or rng.random() < mu:
+        first_slot = Slot(module=clone(first[1]), origin=f"clone:{first[0]}")
+        muts.append(f"clone:{first[1].kind}")
+    slots.append(first_slot)
     for pos, (mid, m) in enumerate(layers):
         if not mid:
-            slots.append(Slot(module=m, origin="new:block"))
+            slots.append(Slot(module=m, origin=f"new:{m.kind}"))
         elif mid in own or rng.random() < mu:
             c = clone(m)
             muts.append(f"clone:{m.kind}{pos}")
-            if m.kind == "block" and rng.random() < mu:
-                if rng.random() < 0.5:
-                    c = widen_mlp(c, c.cfg.mlp_hidden // 2, rng)
-                    muts.append(f"widen_mlp:{pos}")
-                else:
-                    c = add_heads(c, 1, rng)
-                    muts.append(f"add_head:{pos}")
+            grow = expansions(c)
+            if grow and rng.random() < mu:
+                name, fn = grow[int(rng.integers(len(grow)))] if len(grow) > 1 else grow[0]
+                c = fn(c, rng)
+                muts.append(f"{name}:{pos}")
             slots.append(Slot(module=c, origin=f"clone:{mid}"))
         else:
             slots.append(Slot(module_id=mid))
-        if m.kind == "block" and rng.random() < mu:
-            slots.append(Slot(module=new_adapter(dim, int(hp["adapter_dim"])), origin="new:adapter"))
+        if m.kind not in ("adapter", "conv_adapter") and rng.random() < mu:
+            slots.append(Slot(module=adapter_after(m, int(hp["adapter_dim"])), origin="new:adapter"))
             muts.append(f"insert_adapter:{pos}")
-    block_cfgs = [m.cfg for _, m in layers if m.kind == "block"]
-    if block_cfgs and rng.random() < mu / 2:
-        at = int(rng.integers(1, len(slots) + 1))  # anywhere after the embedding, before the head
-        slots.insert(at, Slot(module=identity_block(block_cfgs[0]), origin="new:block"))
-        muts.append(f"insert_block:{at}")
-    slots.append(Slot(module=clone(own_head), origin="clone:head"))
+    if layers and rng.random() < mu / 2:
+        # an identity layer anywhere after the first module, where one fits what comes before it
+        at = int(rng.integers(1, len(slots) + 1))
+        before = slots[at - 1]
+        prev = before.module if before.trainable else dict(parent_modules + layers).get(before.module_id)
+        new = identity_layer_after(prev) if prev is not None else None
+        if new is not None:
+            slots.insert(at, Slot(module=new, origin=f"new:{new.kind}"))
+            muts.append(f"insert_block:{at}")
+    last = layers[-1][1] if layers else first[1]
+    if slots[-1].trainable:
+        last = slots[-1].module
+    width = last.out_dim
+    if width == own_head.cfg.dim:
+        slots.append(Slot(module=clone(own_head), origin="clone:head"))
+    else:
+        slots.append(Slot(module=new_head_like(own_head, width), origin="new:head"))
+        muts.append(f"new_head:{width}")
     return Candidate(task, parent_task, parent_version, slots, hp, muts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -13,22 +14,88 @@ import torch.nn.functional as F
 from torch import nn
 
 from munet.data.images import to_model_input
-from munet.models.vit import Head, HeadConfig
+from munet.models.export import ensure_onnx
+from munet.models.store import Store
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def run_modules(modules: list[nn.Module], x_u8: np.ndarray, batch: int = 256,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Outputs of a frozen chain of modules for uint8 images, computed once and kept (the cache)."""
+                dtype: torch.dtype = torch.float32, reduce=None) -> torch.Tensor:
+    """Outputs of a frozen chain of modules for uint8 images, computed once and kept (the cache).
+
+    `reduce` (a head's `reduce`) keeps only what a head reads of each batch's outputs."""
     outs = []
     for i in range(0, len(x_u8), batch):
         t = torch.from_numpy(to_model_input(x_u8[i:i + batch]))
         for m in modules:
             t = m(t)
-        outs.append(t.to(dtype))
+        outs.append((reduce(t) if reduce is not None else t).to(dtype))
     if not outs:
         return torch.zeros(0)
     return torch.cat(outs)
+
+
+class _TorchSession:
+    """The `run` interface of an InferenceSession over a torch module (FrozenRunner's fallback)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module.eval()
+
+    @torch.no_grad()
+    def run(self, _outputs, feeds: dict) -> list[np.ndarray]:
+        return [self.module(torch.from_numpy(feeds["x"])).numpy()]
+
+
+class FrozenRunner:
+    """Outputs of stored (frozen) modules through ONNX Runtime, for prefix caches and head probes.
+
+    Frozen modules never train, so they need no autograd: their ONNX graphs (exported once, beside
+    their weights) run MobileNetV2 about 3x faster than torch eager on this CPU (measured: 200 vs
+    69 images/s at 96 px on one thread). Sessions use the training thread budget and no spinning,
+    so serving keeps its cores.
+    """
+
+    def __init__(self, store: Store, threads: int = 1):
+        self.store = store
+        self.threads = max(1, threads)
+        self._sessions: dict[str, object] = {}
+
+    def session(self, module_id: str):
+        s = self._sessions.get(module_id)
+        if s is None:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.log_severity_level = 3
+            try:
+                s = ort.InferenceSession(ensure_onnx(self.store, module_id), so, providers=["CPUExecutionProvider"])
+            except Exception as e:  # noqa: BLE001 - an export or load failure must not stop evolution
+                # the promotion gate reports a module that does not export; scoring still needs its outputs
+                log.warning("module %s does not run in ONNX Runtime (%s); using torch for it", module_id, e)
+                s = _TorchSession(self.store.load_module(module_id))
+            if len(self._sessions) > 64:  # bounded: evolution visits many prefixes over time
+                self._sessions.pop(next(iter(self._sessions)))
+            self._sessions[module_id] = s
+        return s
+
+    def run(self, module_ids: list[str], x_u8: np.ndarray, batch: int = 128, dtype: torch.dtype = torch.float32,
+            reduce=None) -> torch.Tensor:
+        sessions = [self.session(m) for m in module_ids]
+        outs = []
+        for i in range(0, len(x_u8), batch):
+            y = to_model_input(x_u8[i:i + batch])
+            for s in sessions:
+                y = s.run(None, {"x": y})[0]
+            t = torch.from_numpy(y)
+            outs.append((reduce(t) if reduce is not None else t).to(dtype))
+        if not outs:
+            return torch.zeros(0)
+        return torch.cat(outs)
 
 
 @torch.no_grad()
@@ -43,24 +110,21 @@ def accuracy(model: nn.Module, feats: torch.Tensor, y: np.ndarray, batch: int = 
 
 
 def fit_head(
-    tokens: torch.Tensor,
+    features: torch.Tensor,
     y: np.ndarray,
     num_classes: int,
-    init_norm: nn.LayerNorm | None = None,
+    like: nn.Module,
     epochs: int = 30,
     lr: float = 3e-3,
     batch: int = 256,
     seed: int = 0,
-) -> tuple[Head, float]:
-    """A new head (final norm + linear) trained on cached trunk outputs; only the class token is used."""
+) -> tuple[nn.Module, float]:
+    """A new head of `like`'s kind, trained on cached trunk outputs (only what the head reads of them:
+    `like.reduce`, the ViT's class token or the CNN's pooled features)."""
     torch.manual_seed(seed)
-    dim = tokens.shape[-1]
-    head = Head(HeadConfig(dim, num_classes))
-    if init_norm is not None:
-        head.norm.load_state_dict(init_norm.state_dict())  # start from the pretrained final norm
-    nn.init.zeros_(head.fc.weight)
-    nn.init.zeros_(head.fc.bias)
-    cls = tokens[:, :1].float().clone()  # the head reads only token 0: keep (N, 1, D)
+    cls = type(like).reduce(features).float().clone()
+    dim = cls.shape[-1] if cls.ndim == 3 else cls.shape[1]
+    head = type(like).fresh(dim, num_classes, like=like)  # the ViT's pretrained final norm is kept
     yt = torch.from_numpy(y.astype(np.int64))
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     steps = max(1, epochs * math.ceil(len(yt) / batch))
@@ -150,6 +214,28 @@ def lr_at(step: int, total: int, hp: dict, restarts: int = 3) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+@torch.no_grad()
+def _calibrate(model: nn.Module, modules: list[nn.Module], inputs: torch.Tensor, batch_size: int,
+               g: torch.Generator, batches: int = 4) -> None:
+    """BatchNorm statistics of newly inserted blocks, measured on their real inputs (the chain's
+    output before them on a few training batches), then frozen (models/mobilenet.py says why)."""
+    bns = [b for m in modules for b in m.modules() if isinstance(b, nn.BatchNorm2d)]
+    if not bns:
+        return
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the calibration batches
+        bn.train()
+    n = len(inputs)
+    for _ in range(batches):
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
+        model(inputs[idx].float())
+    for bn in bns:
+        bn.momentum = 0.1
+        bn.eval()
+
+
 @dataclass
 class TrainResult:
     validation_accuracy: float
@@ -174,6 +260,7 @@ def train_candidate(
     seed: int = 0,
     should_pause=None,
     evals: int = 3,
+    calibrate: list[nn.Module] = (),
 ) -> TrainResult:
     """SGD on the trainable modules of `chain` (muNet: momentum SGD, global-norm clipping at 1.0).
 
@@ -194,6 +281,10 @@ def train_candidate(
     model = nn.Sequential(*chain)
     yt = torch.from_numpy(y_train.astype(np.int64))
     n = len(yt)
+    if calibrate:
+        _calibrate(model, calibrate, inputs_train, batch_size, g)
+        for m in trainable:
+            m.train()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return model(x.float())

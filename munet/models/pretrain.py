@@ -22,17 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
 from munet.data.builtin import load_builtin
 from munet.data.splits import TEST, TRAIN, VALIDATION, split_indices, stratified_subsample
-from munet.models.vit import Chain, RootModel, ViTConfig, build_module, count_params, module_config
+from munet.models.modules import count_params, module_config
+from munet.models.roots import save_root
+from munet.models.vit import Chain, RootModel, ViTConfig
 
 DEFAULT_ASSETS = Path(__file__).resolve().parent.parent / "assets"
-WEIGHTS_FILE = "root.safetensors"
-INFO_FILE = "root.json"
 NUM_DIGITS = 10  # labels 0..9 are MNIST digits, 10..19 Fashion-MNIST classes
 MAX_SHIFT = 2  # augmentation: random translation of up to this many pixels each way
 
@@ -91,36 +90,6 @@ def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def save_root(modules: list[nn.Module], info: dict, out_dir: Path) -> None:
-    """Write root.safetensors (weights, module list in its metadata) and root.json (everything)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {f"modules.{i}.{k}": v.detach().contiguous().clone()
-               for i, m in enumerate(modules) for k, v in m.state_dict().items()}
-    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"modules": json.dumps(info["modules"])})
-    (out_dir / WEIGHTS_FILE).chmod(0o644)  # safetensors creates it owner-only; it is a shared asset
-    (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-
-
-def load_root(path_dir: Path = DEFAULT_ASSETS) -> tuple[list[nn.Module], dict]:
-    """The root's modules (embed, blocks..., head) with their weights, in eval mode, and root.json."""
-    path_dir = Path(path_dir)
-    weights, info_path = path_dir / WEIGHTS_FILE, path_dir / INFO_FILE
-    if not weights.is_file() or not info_path.is_file():
-        raise FileNotFoundError(f"no root checkpoint in {path_dir} (need {WEIGHTS_FILE} and {INFO_FILE}); "
-                                "create one with `munet pretrain`")
-    info = json.loads(info_path.read_text())
-    state = load_file(str(weights))
-    modules: list[nn.Module] = []
-    for i, spec in enumerate(info["modules"]):
-        m = build_module(spec["kind"], spec["config"])
-        prefix = f"modules.{i}."
-        m.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
-        modules.append(m.eval())
-    if sum(len(m.state_dict()) for m in modules) != len(state):
-        raise ValueError(f"{weights} holds tensors for modules that {info_path} does not list")
-    return modules, info
 
 
 def pretrain(

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from munet.errors import AlreadyExists, InvalidArgument, NotFound
-from munet.models.vit import build_module, count_params, module_config
+from munet.models.modules import build_module, count_params, module_config
 
 TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -83,6 +83,32 @@ CREATE TABLE IF NOT EXISTS path_versions (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+# Schema versions (PRAGMA user_version), each reached from the one before by its migration, so a
+# newer munet-serve opens a store an older one wrote.
+#   1: the first release (tasks without a root).
+#   2: tasks record their root and input resolution; roots are recorded by name (meta "roots").
+SCHEMA_VERSION = 2
+
+
+def _migrate_1_to_2(db: sqlite3.Connection) -> None:
+    cols = {r[1] for r in db.execute("PRAGMA table_info(tasks)")}
+    if "root" not in cols:
+        db.execute("ALTER TABLE tasks ADD COLUMN root TEXT")
+    if "image_size" not in cols:
+        db.execute("ALTER TABLE tasks ADD COLUMN image_size INTEGER")
+    # a first-release store was created with the committed ViT root at 32x32
+    old = db.execute("SELECT value FROM meta WHERE key='root_modules'").fetchone()
+    if old is not None:
+        roots = {"vit_tiny": {"modules": json.loads(old[0]), "image_size": 32, "family": "vit"}}
+        db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('roots', ?)", (json.dumps(roots),))
+        db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('default_root', 'vit_tiny')")
+        db.execute("DELETE FROM meta WHERE key='root_modules'")
+    db.execute("UPDATE tasks SET root='vit_tiny' WHERE root IS NULL")
+    db.execute("UPDATE tasks SET image_size=32 WHERE image_size IS NULL")
+
+
+MIGRATIONS = {1: _migrate_1_to_2}
+
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -105,6 +131,8 @@ class TaskRecord:
     status: str
     current_version: int | None
     created_at: str
+    root: str = "vit_tiny"  # the root family its paths grew from
+    image_size: int = 32  # the resolution its examples are stored and its paths run at
 
 
 @dataclass
@@ -166,7 +194,39 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                fresh = not self._db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type='table' AND name='tasks'").fetchone()
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                for stmt in SCHEMA.split(";"):
+                    if stmt.strip():
+                        self._db.execute(stmt)
+                if fresh:
+                    version = 1
+                    _migrate_1_to_2(self._db)  # adds the new columns to the first-release tables
+                    version = SCHEMA_VERSION
+                elif version == 0:
+                    version = 1  # stores written before versioning are the first release
+                if version > SCHEMA_VERSION:
+                    raise RuntimeError(f"store {self.home} has schema version {version}; this munet-serve "
+                                       f"knows up to {SCHEMA_VERSION}: upgrade munet-serve")
+                while version < SCHEMA_VERSION:
+                    MIGRATIONS[version](self._db)
+                    version += 1
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @property
+    def schema_version(self) -> int:
+        return self._query("PRAGMA user_version")[0][0]
 
     def close(self) -> None:
         with self._lock:
@@ -252,7 +312,8 @@ class Store:
 
     # ---- tasks ------------------------------------------------------------------------------
 
-    def create_task(self, name: str, labels: list[str], source: dict) -> TaskRecord:
+    def create_task(self, name: str, labels: list[str], source: dict, root: str = "vit_tiny",
+                    image_size: int = 32) -> TaskRecord:
         if not TASK_NAME.match(name or ""):
             raise InvalidArgument(
                 f"task name {name!r} is invalid: use 1-63 lowercase letters, digits, '_' or '-', "
@@ -263,11 +324,11 @@ class Store:
             if db.execute("SELECT 1 FROM tasks WHERE name=?", (name,)).fetchone():
                 raise AlreadyExists(f"task {name!r} already exists")
             db.execute(
-                "INSERT INTO tasks(name, labels, source, status, current_version, created_at)"
-                " VALUES (?,?,?,?,NULL,?)",
-                (name, json.dumps(labels), json.dumps(source), "creating", created),
+                "INSERT INTO tasks(name, labels, source, status, current_version, created_at, root, image_size)"
+                " VALUES (?,?,?,?,NULL,?,?,?)",
+                (name, json.dumps(labels), json.dumps(source), "creating", created, root, int(image_size)),
             )
-        return TaskRecord(name, labels, source, "creating", None, created)
+        return TaskRecord(name, labels, source, "creating", None, created, root, int(image_size))
 
     def set_task_status(self, name: str, status: str) -> None:
         with self._tx() as db:
@@ -292,9 +353,12 @@ class Store:
     # ---- examples ---------------------------------------------------------------------------
 
     def add_examples(self, task: str, x: np.ndarray, y: np.ndarray, split: np.ndarray) -> dict[str, int]:
-        """Persist one batch of labelled images (uint8 (N,32,32,3)); returns counts per split."""
+        """Persist one batch of labelled images (uint8 (N, S, S, 3) at the task's size); returns counts per split."""
         if not (len(x) == len(y) == len(split)):
             raise InvalidArgument("images, labels and splits differ in length")
+        size = self.get_task(task).image_size
+        if x.ndim != 4 or x.shape[1:] != (size, size, 3):
+            raise InvalidArgument(f"task {task!r} stores images of shape ({size}, {size}, 3); got {x.shape[1:]}")
         buf = io.BytesIO()
         np.savez(buf, x=x.astype(np.uint8), y=y.astype(np.int64), split=split.astype(np.int8))
         data = buf.getvalue()
@@ -333,7 +397,8 @@ class Store:
                 xs.append(z["x"][keep])
                 ys.append(z["y"][keep])
         if not xs:
-            return np.zeros((0, 32, 32, 3), np.uint8), np.zeros((0,), np.int64)
+            size = self.get_task(task).image_size
+            return np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int64)
         return np.concatenate(xs), np.concatenate(ys)
 
     # ---- path versions ----------------------------------------------------------------------
@@ -463,7 +528,7 @@ class Store:
 
 def _task(r: sqlite3.Row) -> TaskRecord:
     return TaskRecord(r["name"], json.loads(r["labels"]), json.loads(r["source"]), r["status"],
-                      r["current_version"], r["created_at"])
+                      r["current_version"], r["created_at"], r["root"] or "vit_tiny", r["image_size"] or 32)
 
 
 def _path(r: sqlite3.Row) -> PathRecord:

@@ -14,7 +14,7 @@ Every module kind is a plain nn.Module built from a small typed config, so a mod
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,13 @@ class EmbedConfig:
     patch_size: int = 4
     in_chans: int = 3
     dim: int = 96
+    # input normalisation: (x - mean) / std on [0, 1] pixels (timm's augreg ViTs use 0.5 too)
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self):  # JSON gives lists back; keep tuples so configs compare alike
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
 
 @dataclass(frozen=True)
@@ -51,18 +58,21 @@ class BlockConfig:
     heads: int = 4
     mlp_hidden: int = 384
     head_dim: int = 24  # kept explicit so "add heads" can grow heads without changing dim
+    eps: float = 1e-5  # LayerNorm epsilon (timm's ViTs use 1e-6)
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
     dim: int = 96
     hidden: int = 32
+    eps: float = 1e-5
 
 
 @dataclass(frozen=True)
 class HeadConfig:
     dim: int = 96
     num_classes: int = 10
+    eps: float = 1e-5
 
 
 class PatchEmbed(nn.Module):
@@ -75,10 +85,23 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(cfg.in_chans, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.randn(1, n_patches + 1, cfg.dim) * 0.02)
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
+
+    @property
+    def out_dim(self) -> int:
+        return self.cfg.dim
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.cfg.image_size // self.cfg.patch_size) ** 2 + 1
+
+    def example_input(self, batch: int = 2) -> torch.Tensor:
+        return torch.rand(batch, self.cfg.in_chans, self.cfg.image_size, self.cfg.image_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # inputs arrive as [0, 1] floats; centring here keeps clients and ONNX free of it
-        x = (x - 0.5) / 0.5
+        # inputs arrive as [0, 1] floats; normalising here keeps clients and ONNX free of it
+        x = (x - self.mean) / self.std
         x = self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1) + self.pos_embed
@@ -119,10 +142,22 @@ class Block(nn.Module):
     def __init__(self, cfg: BlockConfig):
         super().__init__()
         self.cfg = cfg
-        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
         self.attn = Attention(cfg.dim, cfg.heads, cfg.head_dim)
-        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
         self.mlp = MLP(cfg.dim, cfg.mlp_hidden)
+
+    @property
+    def out_dim(self) -> int:
+        return self.cfg.dim
+
+    def example_input(self, batch: int = 2, tokens: int = 65) -> torch.Tensor:
+        return torch.randn(batch, tokens, self.cfg.dim)
+
+    @classmethod
+    def identity(cls, like: BlockConfig) -> Block:
+        """A new block with `like`'s shape that adds nothing until trained."""
+        return cls(like).identity_init()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -145,12 +180,19 @@ class Adapter(nn.Module):
     def __init__(self, cfg: AdapterConfig):
         super().__init__()
         self.cfg = cfg
-        self.norm = nn.LayerNorm(cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
         self.down = nn.Linear(cfg.dim, cfg.hidden)
         self.up = nn.Linear(cfg.hidden, cfg.dim)
         # zero up-projection: a freshly inserted adapter leaves the path's function unchanged
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+
+    @property
+    def out_dim(self) -> int:
+        return self.cfg.dim
+
+    def example_input(self, batch: int = 2, tokens: int = 65) -> torch.Tensor:
+        return torch.randn(batch, tokens, self.cfg.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.up(F.gelu(self.down(self.norm(x))))
@@ -162,8 +204,26 @@ class Head(nn.Module):
     def __init__(self, cfg: HeadConfig):
         super().__init__()
         self.cfg = cfg
-        self.norm = nn.LayerNorm(cfg.dim)  # the encoder's final norm: logically part of the head
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)  # the encoder's final norm: logically part of the head
         self.fc = nn.Linear(cfg.dim, cfg.num_classes)
+
+    def example_input(self, batch: int = 2, tokens: int = 65) -> torch.Tensor:
+        return torch.randn(batch, tokens, self.cfg.dim)
+
+    @staticmethod
+    def reduce(features: torch.Tensor) -> torch.Tensor:
+        """The smallest input that gives the same logits: the class token, (N, 1, D)."""
+        return features[:, :1]
+
+    @classmethod
+    def fresh(cls, dim: int, num_classes: int, like: Head | None = None) -> Head:
+        """A new head for `num_classes`: zero logits; the final norm copied from `like` when given."""
+        head = cls(HeadConfig(dim, num_classes, like.cfg.eps if like is not None else 1e-5))
+        if like is not None and like.cfg.dim == dim:
+            head.norm.load_state_dict(like.norm.state_dict())
+        nn.init.zeros_(head.fc.weight)
+        nn.init.zeros_(head.fc.bias)
+        return head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.norm(x[:, 0]))  # (B, C) logits from the class token
@@ -175,15 +235,6 @@ MODULE_KINDS: dict[str, tuple[type[nn.Module], type]] = {
     "adapter": (Adapter, AdapterConfig),
     "head": (Head, HeadConfig),
 }
-
-
-def build_module(kind: str, config: dict) -> nn.Module:
-    cls, cfg_cls = MODULE_KINDS[kind]
-    return cls(cfg_cls(**config))
-
-
-def module_config(module: nn.Module) -> dict:
-    return asdict(module.cfg)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from munet.data import images as imglib
 from munet.data.splits import TEST, TRAIN, VALIDATION, split_indices, split_new_examples
 from munet.errors import FailedPrecondition, InvalidArgument, MunetError, NotFound
 from munet.models.export import parity_error
+from munet.models.roots import RootUnavailable, all_root_modules, ensure_root, get_root_spec, input_size, resolve_root
 from munet.models.store import PathRecord, Store, TaskRecord
 from munet.service.batching import MicroBatcher
 from munet.service.runtime import Runtime, ServedPath
@@ -56,24 +57,25 @@ class TaskSpec:
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 0
+    root: str = ""  # the root to grow from; "" = the server's
 
 
 @dataclass
 class Examples:
     """Labelled images in the model's format; split codes TRAIN/VALIDATION/TEST or UNSPECIFIED."""
 
-    x: np.ndarray  # (N, 32, 32, 3) uint8
+    x: np.ndarray  # (N, S, S, 3) uint8 at the task's input size S
     y: np.ndarray  # (N,) int64
     split: np.ndarray  # (N,) int8
 
     @classmethod
-    def empty(cls) -> Examples:
-        return cls(np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int8))
+    def empty(cls, size: int = imglib.SIZE) -> Examples:
+        return cls(np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int8))
 
     @classmethod
-    def concat(cls, parts: list[Examples]) -> Examples:
+    def concat(cls, parts: list[Examples], size: int = imglib.SIZE) -> Examples:
         if not parts:
-            return cls.empty()
+            return cls.empty(size)
         return cls(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),
                    np.concatenate([p.split for p in parts]))
 
@@ -98,6 +100,20 @@ class Core:
         self.batcher = MicroBatcher(config.max_batch_size, config.max_delay_ms, on_batch=self._on_batch)
         self._registering: set[str] = set()
         self._lock = threading.Lock()
+        self.root = resolve_root(store, config.root)
+        self.image_size = self.root_input_size(self.root)
+
+    def root_input_size(self, root: str) -> int:
+        """The input size new tasks on `root` get: configured, else the root's (larger on a GPU)."""
+        try:
+            spec = get_root_spec(root, self.store.home)
+        except RootUnavailable as e:
+            raise InvalidArgument(str(e)) from None
+        on_gpu = any(p != "CPUExecutionProvider" for p in self.runtime.pool.providers)
+        return input_size(spec, self.config.image_size, on_gpu)
+
+    def new_task_size(self, spec: TaskSpec) -> int:
+        return self.image_size if not spec.root or spec.root == self.root else self.root_input_size(spec.root)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -110,7 +126,7 @@ class Core:
                 self.store.delete_task(t.name)
                 continue
             rec = self.store.get_path(t.name, t.current_version)
-            self._serve(self.runtime.prepare(rec, t.labels), check_parity=False)
+            self._serve(self.runtime.prepare(rec, t.labels, t.image_size), check_parity=False)
             served.append(t.name)
         log.info("restored %d tasks: %s", len(served), ", ".join(served) or "-")
         return served
@@ -121,7 +137,8 @@ class Core:
         for task, rec in current.items():
             live = self.runtime.get(task)
             if live is None or live.version != rec.version:
-                self.runtime.swap(self.runtime.prepare(rec, self.store.get_task(task).labels))
+                t = self.store.get_task(task)
+                self.runtime.swap(self.runtime.prepare(rec, t.labels, t.image_size))
         for task in set(self.runtime.tasks()) - set(current):
             self.runtime.remove(task)
 
@@ -133,19 +150,20 @@ class Core:
 
     # ---- predict ----------------------------------------------------------------------------
 
-    def decode(self, inputs: list[ImageInput]) -> np.ndarray:
+    def decode(self, inputs: list[ImageInput], size: int) -> np.ndarray:
+        """Images of any size and format -> uint8 (N, size, size, 3), the task's input format."""
         if not inputs:
             raise InvalidArgument("the request has no images")
         if len(inputs) > self.config.max_request_images:
             raise InvalidArgument(f"{len(inputs)} images in one request; the limit is "
                                   f"{self.config.max_request_images}")
-        out = np.empty((len(inputs), 32, 32, 3), np.uint8)
+        out = np.empty((len(inputs), size, size, 3), np.uint8)
         for i, im in enumerate(inputs):
             try:
                 if im.encoded is not None:
-                    out[i] = imglib.decode_image(im.encoded)
+                    out[i] = imglib.decode_image(im.encoded, size)
                 elif im.raw is not None:
-                    out[i] = imglib.from_raw(im.raw, im.height, im.width, im.channels)
+                    out[i] = imglib.from_raw(im.raw, im.height, im.width, im.channels, size)
                 else:
                     raise imglib.InvalidImage("it carries neither encoded bytes nor raw pixels")
             except imglib.InvalidImage as e:
@@ -164,7 +182,7 @@ class Core:
                       ) -> tuple[ServedPath, list[Prediction]]:
         # the path is pinned here: a swap while this request waits does not change its answer
         path = self.served(task)
-        x = imglib.to_model_input(self.decode(inputs))
+        x = imglib.to_model_input(self.decode(inputs, path.image_size))
         preds = await self.batcher.submit(path, x, post=lambda y: top_k_predictions(y, path.labels, top_k))
         metrics.IMAGES.labels(task, str(path.version)).inc(len(x))
         return path, preds
@@ -172,6 +190,8 @@ class Core:
     def predict_sync(self, task: str, x_u8: np.ndarray) -> tuple[ServedPath, np.ndarray]:
         """Logits for already-converted images, bypassing the batcher (tools and tests)."""
         path = self.served(task)
+        if x_u8.ndim != 4 or x_u8.shape[1] != path.image_size:
+            x_u8 = imglib.batch_to_rgb(x_u8, path.image_size)
         return path, path.run(imglib.to_model_input(x_u8))
 
     # ---- tasks ------------------------------------------------------------------------------
@@ -202,7 +222,9 @@ class Core:
         if spec.builtin and spec.npz_file:
             raise InvalidArgument("give either a built-in data set or an .npz file, not both")
         sources = [s for s in (spec.builtin, spec.npz_file) if s]
-        data, labels = self._load_source(spec, uploaded)
+        root = spec.root or self.root
+        size = self.new_task_size(spec)
+        data, labels = self._load_source(spec, uploaded, size)
         if len(data.y) == 0:
             raise InvalidArgument("the task has no examples: name a built-in data set or an .npz file, "
                                   "or stream labelled images after the spec")
@@ -234,11 +256,12 @@ class Core:
         try:
             source = {"kind": "builtin" if spec.builtin else "npz" if spec.npz_file else "upload",
                       "name": sources[0] if sources else None, "seed": spec.seed}
-            self.store.create_task(spec.name, labels, source)
+            ensure_root(self.store, root)
+            self.store.create_task(spec.name, labels, source, root=root, image_size=size)
             try:
                 self.store.add_examples(spec.name, data.x, data.y, data.split)
                 path = self.path_maker.initial_path(self.store.get_task(spec.name))
-                served = self.runtime.prepare(path, labels)
+                served = self.runtime.prepare(path, labels, size)
                 self._serve(served, check_parity=True)
             except BaseException:
                 # a failed registration leaves nothing behind: the name can be used again
@@ -250,14 +273,19 @@ class Core:
                 self._registering.discard(spec.name)
         return self.store.get_task(spec.name)
 
-    def _load_source(self, spec: TaskSpec, uploaded: Iterable[Examples]) -> tuple[Examples, list[str]]:
+    def _load_source(self, spec: TaskSpec, uploaded: Iterable[Examples], size: int) -> tuple[Examples, list[str]]:
         labels = list(spec.labels)
         parts = list(uploaded)
         if spec.builtin:
-            from munet.data.builtin import DatasetUnavailable, load_builtin
+            from munet.data.builtin import DatasetUnavailable, builtin_length, load_builtin
 
             try:
-                ds = load_builtin(spec.builtin, max_examples=spec.max_examples or None, seed=spec.seed)
+                n = min(builtin_length(spec.builtin), spec.max_examples or 1 << 62)
+                if n > self.config.max_examples_per_task:
+                    # checked before converting: 70k images at 96 px would take 2 GB only to be refused
+                    raise InvalidArgument(f"{n} examples; this server takes at most "
+                                          f"{self.config.max_examples_per_task} per task (set max_examples)")
+                ds = load_builtin(spec.builtin, max_examples=spec.max_examples or None, seed=spec.seed, size=size)
             except DatasetUnavailable as e:
                 raise FailedPrecondition(str(e)) from None
             except ValueError as e:
@@ -268,12 +296,12 @@ class Core:
                 raise InvalidArgument(f"{spec.builtin} has {len(ds.labels)} classes, {len(labels)} labels given")
             labels = labels or list(ds.labels)
         elif spec.npz_file:
-            ex, names = self.read_npz(self._import_path(spec.npz_file).read_bytes(), spec.npz_file)
+            ex, names = self.read_npz(self._import_path(spec.npz_file).read_bytes(), spec.npz_file, size)
             parts.insert(0, ex)
             labels = labels or names
         elif not labels and parts:
             raise InvalidArgument("uploaded examples need label names in the spec")
-        return Examples.concat(parts), labels
+        return Examples.concat(parts, size), labels
 
     def _import_path(self, name: str) -> Path:
         base = self.config.imports.resolve()
@@ -286,7 +314,7 @@ class Core:
         return path
 
     @staticmethod
-    def read_npz(data: bytes, what: str = "upload") -> tuple[Examples, list[str]]:
+    def read_npz(data: bytes, what: str = "upload", size: int = imglib.SIZE) -> tuple[Examples, list[str]]:
         """An .npz with `x` (N,H,W[,C]) images, `y` (N,) labels, optional `label_names` and `split`."""
         try:
             z = np.load(io.BytesIO(data), allow_pickle=False)
@@ -301,7 +329,7 @@ class Core:
         if not np.issubdtype(y.dtype, np.integer):
             raise InvalidArgument(f"{what}: labels y must be integers, got {y.dtype}")
         try:
-            xs = np.stack([imglib.to_rgb32(im) for im in x]) if len(x) else Examples.empty().x
+            xs = imglib.batch_to_rgb(x, size) if len(x) else Examples.empty(size).x
         except imglib.InvalidImage as e:
             raise InvalidArgument(f"{what}: {e}") from None
         split = np.full(len(y), UNSPECIFIED, np.int8)
@@ -339,14 +367,13 @@ class Core:
         self._update_session_metrics()
 
     def protected_modules(self) -> set[str]:
-        import json
-
-        return set(json.loads(self.store.get_meta("root_modules") or "[]"))
+        return all_root_modules(self.store)
 
     # ---- serving graph ----------------------------------------------------------------------
 
     def check_parity(self, served: ServedPath, n: int = 4) -> float:
-        x = np.random.default_rng(1).random((n, 3, 32, 32), dtype=np.float32)
+        s = served.image_size
+        x = np.random.default_rng(1).random((n, 3, s, s), dtype=np.float32)
         err = parity_error(self.store, list(served.module_ids), x, served.run)
         if not err <= self.config.parity_atol:
             raise FailedPrecondition(f"ONNX output differs from torch by {err:.2e} "
@@ -366,7 +393,7 @@ class Core:
     def activate(self, rec: PathRecord) -> ServedPath:
         """Export, parity-check, load and warm a stored version, then swap it in (promotion, rollback)."""
         t = self.store.get_task(rec.task)
-        served = self.runtime.prepare(rec, t.labels)
+        served = self.runtime.prepare(rec, t.labels, t.image_size)
         self._serve(served, check_parity=True)
         self.runtime.pool.release(self.runtime.live_modules())
         self._update_session_metrics()
@@ -403,7 +430,7 @@ class Core:
             "path": self.path_view(path) if path else None, "train_examples": counts["train"],
             "validation_examples": counts["validation"], "test_examples": counts["test"],
             "source": t.source.get("name") or t.source.get("kind", ""), "created_at": t.created_at,
-            "lineage": lineage,
+            "lineage": lineage, "root": t.root, "image_size": t.image_size,
         }
 
     def path_view(self, rec: PathRecord) -> dict:

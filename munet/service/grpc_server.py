@@ -119,11 +119,12 @@ def task_spec(s: pb.TaskSpec) -> TaskSpec:
         validation_fraction=s.validation_fraction or _DEFAULT_FRACTION,
         test_fraction=s.test_fraction or _DEFAULT_FRACTION,
         seed=s.seed,
+        root=s.root,
     )
 
 
-def decode_batch(core: Core, batch: pb.ExampleBatch, index: int) -> Examples:
-    """One streamed ExampleBatch -> Examples in the model's format (CPU-bound: run it in a thread)."""
+def decode_batch(core: Core, batch: pb.ExampleBatch, index: int, size: int) -> Examples:
+    """One streamed ExampleBatch -> Examples at the task's input size (CPU-bound: run it in a thread)."""
     n = len(batch.examples)
     split = np.empty(n, np.int8)
     for i, ex in enumerate(batch.examples):
@@ -138,7 +139,7 @@ def decode_batch(core: Core, batch: pb.ExampleBatch, index: int) -> Examples:
     for start in range(0, n, step):
         inputs = [image_input(ex.image) for ex in batch.examples[start:start + step]]
         try:
-            parts.append(core.decode(inputs))
+            parts.append(core.decode(inputs, size))
         except InvalidArgument as e:
             raise InvalidArgument(f"batch {index} (from example {start}): {e.message}") from None
     return Examples(np.concatenate(parts), y, split)
@@ -216,7 +217,7 @@ class MunetServicer(pb_grpc.MunetServicer):
 
     # ---- tasks ------------------------------------------------------------------------------
 
-    async def _decode_stream(self, batches: AsyncIterator[pb.ExampleBatch]) -> list[Examples]:
+    async def _decode_stream(self, batches: AsyncIterator[pb.ExampleBatch], size: int) -> list[Examples]:
         """Decode streamed ExampleBatch messages, refusing more examples than a task may hold."""
         limit = self.core.config.max_examples_per_task
         parts: list[Examples] = []
@@ -231,7 +232,7 @@ class MunetServicer(pb_grpc.MunetServicer):
             if seen > limit:
                 raise InvalidArgument(f"more than {limit} examples streamed; this server takes at most "
                                       f"{limit} per task")
-            parts.append(await asyncio.to_thread(decode_batch, self.core, batch, index - 1))
+            parts.append(await asyncio.to_thread(decode_batch, self.core, batch, index - 1, size))
         return parts
 
     @_rpc
@@ -250,7 +251,7 @@ class MunetServicer(pb_grpc.MunetServicer):
                 if req.HasField("examples"):
                     yield req.examples
 
-        parts = await self._decode_stream(batches())
+        parts = await self._decode_stream(batches(), self.core.new_task_size(spec))
         rec = await asyncio.to_thread(self.core.register_task, spec, parts)
         return to_message(pb.Task, await asyncio.to_thread(self.core.task_view, rec.name))
 
@@ -262,16 +263,16 @@ class MunetServicer(pb_grpc.MunetServicer):
         if not task:
             raise InvalidArgument("the first AddExamples message must name the task")
         # NOT_FOUND before the client streams (and we decode) the whole upload
-        await asyncio.to_thread(self.core.store.get_task, task)
+        t = await asyncio.to_thread(self.core.store.get_task, task)
 
         async def batches() -> AsyncIterator[pb.ExampleBatch]:
             yield first.examples
             async for req in stream:
                 yield req.examples
 
-        parts = await self._decode_stream(batches())
+        parts = await self._decode_stream(batches(), t.image_size)
         # one core call for the whole stream: the examples are stored as one batch, or not at all
-        examples = Examples.concat(parts)
+        examples = Examples.concat(parts, t.image_size)
         counts = await asyncio.to_thread(self.core.add_examples, task, examples)
         totals = await asyncio.to_thread(self.core.store.example_counts, task)
         return pb.AddExamplesResponse(

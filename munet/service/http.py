@@ -121,26 +121,26 @@ class MunetService:
     @bentoml.api
     async def register(self, name: str, builtin: str | None = None, npz_file: str | None = None,
                        labels: list[str] | None = None, max_examples: int = 0, seed: int = 0,
-                       validation_fraction: float = 0.1, test_fraction: float = 0.1) -> dict:
+                       validation_fraction: float = 0.1, test_fraction: float = 0.1, root: str = "") -> dict:
         """Create a task from a built-in data set or an .npz file in the server's import directory."""
         spec = TaskSpec(name=name, labels=labels or [], builtin=builtin, npz_file=npz_file,
                         max_examples=max_examples, seed=seed, validation_fraction=validation_fraction,
-                        test_fraction=test_fraction)
+                        test_fraction=test_fraction, root=root)
         return await self._call(asyncio.to_thread, self._register, spec, None)
 
     @bentoml.api
     async def register_upload(self, name: str, file: Path, labels: list[str] | None = None,
                               max_examples: int = 0, seed: int = 0, validation_fraction: float = 0.1,
-                              test_fraction: float = 0.1) -> dict:
+                              test_fraction: float = 0.1, root: str = "") -> dict:
         """Create a task from an uploaded .npz (multipart `file`: x, y[, label_names, split])."""
         spec = TaskSpec(name=name, labels=labels or [], max_examples=max_examples, seed=seed,
-                        validation_fraction=validation_fraction, test_fraction=test_fraction)
+                        validation_fraction=validation_fraction, test_fraction=test_fraction, root=root)
         return await self._call(asyncio.to_thread, self._register, spec, Path(file))
 
     def _register(self, spec: TaskSpec, file: Path | None) -> dict:
         uploaded = []
         if file is not None:
-            ex, names = self.core.read_npz(file.read_bytes(), "uploaded file")
+            ex, names = self.core.read_npz(file.read_bytes(), "uploaded file", self.core.new_task_size(spec))
             uploaded.append(ex)
             spec.labels = spec.labels or names
         self.core.register_task(spec, uploaded)
@@ -150,7 +150,8 @@ class MunetService:
     async def add_examples(self, task: str, file: Path) -> dict:
         """Add labelled examples from an uploaded .npz (x, y, optional split) to a live task."""
         def work() -> dict:
-            ex, _ = self.core.read_npz(Path(file).read_bytes(), "uploaded file")
+            ex, _ = self.core.read_npz(Path(file).read_bytes(), "uploaded file",
+                                       self.core.store.get_task(task).image_size)
             split = np.where(ex.split == UNSPECIFIED, UNSPECIFIED, ex.split).astype(np.int8)
             counts = self.core.add_examples(task, Examples(ex.x, ex.y, split))
             total = self.core.store.example_counts(task)

@@ -123,6 +123,7 @@ class ServedPath:
     module_ids: tuple[str, ...]
     labels: tuple[str, ...]
     sessions: tuple[ort.InferenceSession, ...] = field(repr=False, compare=False)
+    image_size: int = 32  # inputs are (N, 3, image_size, image_size)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         for s in self.sessions:
@@ -164,15 +165,15 @@ class Runtime:
         self._paths: dict[str, ServedPath] = {}
         self._lock = threading.Lock()
 
-    def prepare(self, rec: PathRecord, labels: list[str], warm_batches: tuple[int, ...] = (1, 8)) -> ServedPath:
+    def prepare(self, rec: PathRecord, labels: list[str], image_size: int,
+                warm_batches: tuple[int, ...] = (1, 8)) -> ServedPath:
         """Export (if needed), load and warm every module of a path version without serving it."""
         sessions = tuple(self.pool.get(m) for m in rec.modules)
-        served = ServedPath(rec.task, rec.version, tuple(rec.modules), tuple(labels), sessions)
+        served = ServedPath(rec.task, rec.version, tuple(rec.modules), tuple(labels), sessions, image_size)
         first = self.store.module_record(rec.modules[0]).config
         for b in warm_batches:
-            x = np.random.default_rng(0).random(
-                (b, first.get("in_chans", 3), first.get("image_size", 32), first.get("image_size", 32)),
-                dtype=np.float32)
+            x = np.random.default_rng(0).random((b, first.get("in_chans", 3), image_size, image_size),
+                                                dtype=np.float32)
             out = served.run(x)
             if out.shape != (b, len(labels)):
                 raise ValueError(f"path {rec.task} v{rec.version} gives outputs of shape {out.shape}, "

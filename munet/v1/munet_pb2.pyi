@@ -85,7 +85,7 @@ class LabelledImage(_message.Message):
     def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., label: _Optional[int] = ..., split: _Optional[_Union[Split, str]] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("name", "labels", "builtin", "npz_file", "max_examples", "validation_fraction", "test_fraction", "seed")
+    __slots__ = ("name", "labels", "builtin", "npz_file", "max_examples", "validation_fraction", "test_fraction", "seed", "root")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     BUILTIN_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class TaskSpec(_message.Message):
     VALIDATION_FRACTION_FIELD_NUMBER: _ClassVar[int]
     TEST_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
     name: str
     labels: _containers.RepeatedScalarFieldContainer[str]
     builtin: str
@@ -102,7 +103,8 @@ class TaskSpec(_message.Message):
     validation_fraction: float
     test_fraction: float
     seed: int
-    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., builtin: _Optional[str] = ..., npz_file: _Optional[str] = ..., max_examples: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., test_fraction: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    root: str
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., builtin: _Optional[str] = ..., npz_file: _Optional[str] = ..., max_examples: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., test_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., root: _Optional[str] = ...) -> None: ...
 
 class ExampleBatch(_message.Message):
     __slots__ = ("examples",)
@@ -195,7 +197,7 @@ class PathVersion(_message.Message):
     def __init__(self, version: _Optional[int] = ..., modules: _Optional[_Iterable[_Union[ModuleInfo, _Mapping]]] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., score: _Optional[float] = ..., params: _Optional[int] = ..., accounted_params: _Optional[int] = ..., added_params: _Optional[int] = ..., parents: _Optional[_Iterable[int]] = ..., parent_task: _Optional[str] = ..., mutations: _Optional[_Iterable[str]] = ..., hyperparameters_json: _Optional[str] = ..., training_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., status: _Optional[str] = ..., training_steps: _Optional[int] = ..., training_examples: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("name", "labels", "status", "current_version", "path", "train_examples", "validation_examples", "test_examples", "source", "created_at", "lineage")
+    __slots__ = ("name", "labels", "status", "current_version", "path", "train_examples", "validation_examples", "test_examples", "source", "created_at", "lineage", "root", "image_size")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +209,8 @@ class Task(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     labels: _containers.RepeatedScalarFieldContainer[str]
     status: str
@@ -218,7 +222,9 @@ class Task(_message.Message):
     source: str
     created_at: str
     lineage: _containers.RepeatedCompositeFieldContainer[PathVersion]
-    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., status: _Optional[str] = ..., current_version: _Optional[int] = ..., path: _Optional[_Union[PathVersion, _Mapping]] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ..., test_examples: _Optional[int] = ..., source: _Optional[str] = ..., created_at: _Optional[str] = ..., lineage: _Optional[_Iterable[_Union[PathVersion, _Mapping]]] = ...) -> None: ...
+    root: str
+    image_size: int
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., status: _Optional[str] = ..., current_version: _Optional[int] = ..., path: _Optional[_Union[PathVersion, _Mapping]] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ..., test_examples: _Optional[int] = ..., source: _Optional[str] = ..., created_at: _Optional[str] = ..., lineage: _Optional[_Iterable[_Union[PathVersion, _Mapping]]] = ..., root: _Optional[str] = ..., image_size: _Optional[int] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
     __slots__ = ()
