@@ -99,3 +99,21 @@ def test_a_half_registered_task_is_removed_at_start(make_app, tmp_path):
     app.close()
     again = make_app(home=home)
     assert [t.name for t in again.store.list_tasks()] == []
+
+
+def test_device_bound_chains_give_the_same_outputs(make_app):
+    """The I/O-binding path a CUDA server takes (outputs stay on the device between sessions), run
+    here with ONNX Runtime's CPU device so the binding code itself is exercised without a GPU."""
+    import dataclasses
+
+    app = make_app()
+    register_digits(app, "a", max_examples=300, seed=1)
+    register_digits(app, "b", builtin="animal_shapes", max_examples=300)
+    pa, pb = app.core.runtime.get("a"), app.core.runtime.get("b")
+    ba, bb = dataclasses.replace(pa, device="cpu"), dataclasses.replace(pb, device="cpu")
+    xa, xb = to_model_input(_images(5, 1)), to_model_input(_images(3, 2))
+    assert np.array_equal(ba.run(xa), pa.run(xa))
+    grouped = run_grouped([(ba, xa), (bb, xb), (ba, xa[:1])])
+    assert all(isinstance(g, np.ndarray) for g in grouped)
+    assert np.allclose(grouped[0], pa.run(xa), atol=1e-5) and np.allclose(grouped[1], pb.run(xb), atol=1e-5)
+    assert np.allclose(grouped[2], pa.run(xa[:1]), atol=1e-5)

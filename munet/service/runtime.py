@@ -73,6 +73,8 @@ class SessionPool:
         self.intra_op_threads = intra_op_threads
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._lock = threading.Lock()
+        # with CUDA first, sessions hand each other device buffers (I/O binding), not host arrays
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else None
         log.info("ONNX Runtime %s, providers %s", ort.__version__, self.providers)
 
     def _options(self) -> ort.SessionOptions:
@@ -114,6 +116,25 @@ class SessionPool:
         return gone
 
 
+def run_session(session: ort.InferenceSession, x: np.ndarray | ort.OrtValue, device: str | None
+                ) -> np.ndarray | ort.OrtValue:
+    """One module. With a `device` (CUDA), input and output stay in device memory (ONNX Runtime I/O
+    binding), so a chain of sessions copies to the GPU once and back once, not at every module."""
+    if device is None:
+        return session.run(None, {"x": host(x)})[0]
+    binding = session.io_binding()
+    if not isinstance(x, ort.OrtValue):
+        x = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), device, 0)
+    binding.bind_ortvalue_input("x", x)
+    binding.bind_output("y", device, 0)
+    session.run_with_iobinding(binding)
+    return binding.get_outputs()[0]
+
+
+def host(x: np.ndarray | ort.OrtValue) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else x.numpy()
+
+
 @dataclass(frozen=True)
 class ServedPath:
     """An immutable, loaded path version: what a request is pinned to when it arrives."""
@@ -124,18 +145,19 @@ class ServedPath:
     labels: tuple[str, ...]
     sessions: tuple[ort.InferenceSession, ...] = field(repr=False, compare=False)
     image_size: int = 32  # inputs are (N, 3, image_size, image_size)
+    device: str | None = None  # "cuda": intermediate outputs stay on the GPU between sessions
 
     def run(self, x: np.ndarray) -> np.ndarray:
         for s in self.sessions:
-            x = s.run(None, {"x": x})[0]
-        return x
+            x = run_session(s, x, self.device)
+        return host(x)
 
 
 def run_grouped(items: list[tuple[ServedPath, np.ndarray]]) -> list[np.ndarray]:
     """Run several (path, input) pairs, sharing work on common module prefixes. Returns outputs in order."""
     outputs: list[np.ndarray | None] = [None] * len(items)
     _run_tree(list(range(len(items))), [x for _, x in items], [p for p, _ in items], 0, outputs)
-    return outputs  # type: ignore[return-value]
+    return [host(o) for o in outputs]  # type: ignore[arg-type]
 
 
 def _run_tree(idx: list[int], xs: list[np.ndarray], paths: list[ServedPath], depth: int,
@@ -148,12 +170,18 @@ def _run_tree(idx: list[int], xs: list[np.ndarray], paths: list[ServedPath], dep
         else:
             groups.setdefault(p.module_ids[depth], []).append(j)
     for members in groups.values():
-        session = paths[idx[members[0]]].sessions[depth]
+        path = paths[idx[members[0]]]
+        session, device = path.sessions[depth], path.device
         parts = [xs[j] for j in members]
+        if len(parts) == 1:
+            y = run_session(session, parts[0], device)
+            _run_tree([idx[j] for j in members], [y], paths, depth + 1, outputs)
+            continue
+        # requests join here: on a GPU their device outputs come back once for the concatenation
+        parts = [host(p) for p in parts]
         sizes = [len(a) for a in parts]
-        y = session.run(None, {"x": parts[0] if len(parts) == 1 else np.concatenate(parts)})[0]
-        ys = np.split(y, np.cumsum(sizes)[:-1]) if len(parts) > 1 else [y]
-        _run_tree([idx[j] for j in members], ys, paths, depth + 1, outputs)
+        y = host(run_session(session, np.concatenate(parts), device))
+        _run_tree([idx[j] for j in members], np.split(y, np.cumsum(sizes)[:-1]), paths, depth + 1, outputs)
 
 
 class Runtime:
@@ -169,7 +197,8 @@ class Runtime:
                 warm_batches: tuple[int, ...] = (1, 8)) -> ServedPath:
         """Export (if needed), load and warm every module of a path version without serving it."""
         sessions = tuple(self.pool.get(m) for m in rec.modules)
-        served = ServedPath(rec.task, rec.version, tuple(rec.modules), tuple(labels), sessions, image_size)
+        served = ServedPath(rec.task, rec.version, tuple(rec.modules), tuple(labels), sessions, image_size,
+                            self.pool.device)
         first = self.store.module_record(rec.modules[0]).config
         for b in warm_batches:
             x = np.random.default_rng(0).random((b, first.get("in_chans", 3), image_size, image_size),
