@@ -23,6 +23,10 @@ class Config:
     max_batch_size: int = 64  # images per server-side micro-batch
     max_delay_ms: float = 2.0  # how long the first request of a batch waits for company
     max_request_images: int = 1024
+    # pixels per image, read from the file's header before anything is decoded (a 700-byte WebP can
+    # claim 4096x4096); images decode in a pool of this many threads, off the event loop
+    max_image_pixels: int = 4096 * 4096
+    decode_threads: int = 2
     import_dir: Path | None = None  # .npz files RegisterTask may name; default <home>/imports
     # the root new tasks grow from: mobilenet_v2_imagenet, vit_tiny or an imported one (`munet roots
     # list`); "" = the store's first root, or mobilenet_v2_imagenet on a new store

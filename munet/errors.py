@@ -35,3 +35,13 @@ class FailedPrecondition(MunetError):
 class Unavailable(MunetError):
     code = "UNAVAILABLE"
     http_status = 503
+
+
+class DeadlineExceeded(MunetError):
+    code = "DEADLINE_EXCEEDED"
+    http_status = 504
+
+
+class Cancelled(MunetError):
+    code = "CANCELLED"
+    http_status = 408  # the client is gone; nobody reads it

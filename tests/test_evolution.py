@@ -173,3 +173,51 @@ def test_new_examples_of_a_new_style_lift_accuracy_on_that_style(make_app):
     # the test split was never used to choose: promoted versions record it only as a report
     x_test, _ = app.store.load_examples("digits", TEST)
     assert len(x_test) > 0
+
+
+def _during_training(app, action) -> None:
+    """Run `action` once, from inside the next generation, while its first candidate trains."""
+    done = []
+
+    def hook() -> bool:
+        if not done:
+            done.append(True)
+            action()
+        return False  # never actually pause
+
+    app.evolution.evolver.should_pause = hook
+
+
+def test_a_generation_for_a_task_deleted_and_registered_again_keeps_nothing(make_app):
+    app = make_app()
+    register_digits(app, "reborn", seed=1)
+    _force_promotion(app, "reborn")
+
+    def delete_and_register_again():
+        app.core.delete_task("reborn")
+        register_digits(app, "reborn", builtin="animal_shapes", max_examples=300)
+
+    _during_training(app, delete_and_register_again)
+    report = app.evolution.evolver.run_generation("reborn", n_candidates=1)
+    assert not report.promoted and report.error.startswith("discarded:"), report.error
+    assert "registered again" in report.error
+    # the new task is untouched: its own first version, nothing of the old task's generation
+    assert app.store.get_task("reborn").current_version == 1
+    assert [v.version for v in app.store.list_versions("reborn")] == [1]
+    assert app.store.get_task("reborn").source["name"] == "animal_shapes"
+
+
+def test_a_rollback_during_a_generation_is_not_undone(make_app):
+    app = make_app()
+    register_digits(app, "steady", seed=2)
+    _force_promotion(app, "steady")
+    first = app.evolution.evolver.run_generation("steady", n_candidates=1)
+    assert first.promoted and app.store.get_task("steady").current_version == first.promoted_version
+    _force_promotion(app, "steady")
+    _during_training(app, lambda: app.core.rollback("steady", 1))
+    report = app.evolution.evolver.run_generation("steady", n_candidates=1)
+    assert not report.promoted and "not promoted" in report.error, report.error
+    assert app.store.get_task("steady").current_version == 1  # the operator's rollback stands
+    assert app.core.runtime.get("steady").version == 1
+    pending = app.store.get_path("steady", report.candidates[0].version)
+    assert pending.status == "candidate" and "rollback" in pending.lineage["note"]

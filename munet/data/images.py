@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 
 SIZE = 32  # the small ViT root's input size, and the default where no task size applies
 MAX_SIDE = 4096
+MAX_PIXELS = 4096 * 4096
 _CHANNELS = (1, 3, 4)
 
 
@@ -27,9 +28,12 @@ class InvalidImage(ValueError):
     """The bytes or array are not an image this server can take; the message says why."""
 
 
-def _check_side(height: int, width: int) -> None:
+def _check_side(height: int, width: int, max_pixels: int = MAX_PIXELS) -> None:
     if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE):
         raise InvalidImage(f"image is {height}x{width}; height and width must each be in 1..{MAX_SIDE}")
+    if height * width > max_pixels:
+        raise InvalidImage(f"image is {height}x{width} = {height * width} pixels; the limit (max_image_pixels) "
+                           f"is {max_pixels}")
 
 
 def _as_uint8(arr: np.ndarray) -> np.ndarray:
@@ -168,7 +172,7 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))  # P, CMYK, YCbCr, LAB, HSV
 
 
-def decode_image(data: bytes, size: int = SIZE) -> np.ndarray:
+def decode_image(data: bytes, size: int = SIZE, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Encoded image bytes (PNG, JPEG, GIF, WebP, BMP, TIFF: anything PIL opens) -> uint8 (size, size, 3)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidImage(f"expected encoded image bytes, got {type(data).__name__}")
@@ -178,7 +182,7 @@ def decode_image(data: bytes, size: int = SIZE) -> np.ndarray:
         # PIL's bomb check in open() raises above 2x MAX_IMAGE_PIXELS; the side limit below, read
         # from the header before any pixel is decoded, is far tighter (4096^2 < MAX_IMAGE_PIXELS)
         with Image.open(io.BytesIO(bytes(data))) as img:
-            _check_side(img.height, img.width)
+            _check_side(img.height, img.width, max_pixels)  # from the header: nothing decoded yet
             if img.format == "JPEG" and min(img.height, img.width) >= 2 * size:
                 # JPEG can decode at 1/2, 1/4 or 1/8 scale directly: a 4000 px photo served at 96 px
                 # decodes in a fraction of the time and memory (never below twice the target size)
@@ -199,7 +203,8 @@ def decode_image(data: bytes, size: int = SIZE) -> np.ndarray:
     return to_rgb(arr, size)
 
 
-def from_raw(data: bytes, height: int, width: int, channels: int, size: int = SIZE) -> np.ndarray:
+def from_raw(data: bytes, height: int, width: int, channels: int, size: int = SIZE,
+             max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Raw row-major uint8 pixels (H, W, C), C in {1, 3, 4} -> uint8 (size, size, 3)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidImage(f"expected raw pixel bytes, got {type(data).__name__}")
@@ -208,7 +213,7 @@ def from_raw(data: bytes, height: int, width: int, channels: int, size: int = SI
             raise InvalidImage(f"{name} must be an integer, got {v!r}")
     if channels not in _CHANNELS:
         raise InvalidImage(f"channels must be 1, 3 or 4; got {channels}")
-    _check_side(int(height), int(width))
+    _check_side(int(height), int(width), max_pixels)
     expected = int(height) * int(width) * int(channels)
     if len(data) != expected:
         raise InvalidImage(f"raw image has {len(data)} bytes; {height}x{width}x{channels} needs {expected}")

@@ -16,12 +16,13 @@ from munet import metrics
 from munet.config import Config
 from munet.data.images import to_model_input
 from munet.data.splits import TEST, TRAIN, VALIDATION
+from munet.errors import NotFound
 from munet.evolution.mutations import DEFAULT_HPARAMS, Candidate, is_conv, mutate_path
 from munet.evolution.promotion import persist_candidate, promote
 from munet.evolution.scoring import score as scale_score
 from munet.evolution.train import FrozenRunner, PrefixCache, train_candidate
 from munet.models.roots import all_root_modules, ensure_root, root_params
-from munet.models.store import PathRecord, Store
+from munet.models.store import Expectation, PathRecord, Store, Superseded
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,9 @@ class Evolver:
         # crc32, not hash(): str hashes change per process, and runs must repeat
         rng = np.random.default_rng([cfg.seed, gen, zlib.crc32(task.encode())])
         incumbent = self.store.get_path(task)
+        # what the task must still be when a candidate is promoted: the same creation (not deleted
+        # and registered again under its name) at the same version (not rolled back meanwhile)
+        expect = Expectation(self.store.get_task(task).uid, incumbent.version)
         ev = self.store.examples_version(task)
         xt, yt = self._data(task, TRAIN, cfg.evolution_max_train, cfg.seed)
         xv, yv = self._data(task, VALIDATION, cfg.evolution_max_validation, cfg.seed)
@@ -220,27 +224,50 @@ class Evolver:
         metrics.GENERATIONS.labels(task).inc()
         assert best is not None
         report.best_score = best[0]
+        gone = self._superseded(task, expect)
+        if gone:
+            # its examples, scores and parents belong to a task that no longer exists: keep nothing
+            report.error = f"discarded: {gone}"
+            log.warning("%s gen %d discarded: %s", task, gen, gone)
+            metrics.PROMOTIONS.labels(task, "superseded").inc()
+            report.seconds = time.perf_counter() - t_start
+            return report
         if best[0] > (incumbent.score or 0.0):
             _, cand, rep = best
-            rec = persist_candidate(self.store, cand, rep.validation_accuracy, rep.score, self._lineage(cand, rep, ev))
+            rec = persist_candidate(self.store, cand, rep.validation_accuracy, rep.score, self._lineage(cand, rep, ev),
+                                    expect_uid=expect.uid)
             rep.version = rec.version
             # reported, never used to choose: the test split stays out of selection
             x_test, y_test = self.store.load_examples(task, TEST)
             rec.test_accuracy = self.path_accuracy(rec, TEST, x_test, y_test, (task, ev, "test", rec.version))
             self.store.update_path(task, rec.version, test_accuracy=rec.test_accuracy)
-            ok, err = promote(self.store, self.activate, rec)
+            ok, err = promote(self.store, self.activate, rec, expect)
             report.promoted, report.error = ok, err
             report.promoted_version = rec.version if ok else 0
         # children that beat their parent join the population (muNet's survival rule)
         for cand, rep in trained:
             if not rep.survived or rep.version is not None:
                 continue
-            rec = persist_candidate(self.store, cand, rep.validation_accuracy, rep.score, self._lineage(cand, rep, ev))
+            try:
+                rec = persist_candidate(self.store, cand, rep.validation_accuracy, rep.score,
+                                        self._lineage(cand, rep, ev), expect_uid=expect.uid)
+            except Superseded:
+                break  # the task was deleted meanwhile: nothing more of this generation is kept
             rep.version = rec.version
         self.store.prune_versions(task, cfg.keep_versions)
         self.store.garbage_collect(protected=all_root_modules(self.store), min_age_s=cfg.gc_min_age_s)
         report.seconds = time.perf_counter() - t_start
         return report
+
+    def _superseded(self, task: str, expect: Expectation) -> str:
+        """Why this generation's task is not the one it started from any more ("" when it is)."""
+        try:
+            t = self.store.get_task(task)
+        except NotFound:
+            return f"task {task!r} was deleted during the generation"
+        if t.uid != expect.uid:
+            return f"task {task!r} was deleted and registered again during the generation"
+        return ""
 
     def _lineage(self, cand: Candidate, rep: CandidateReport, ev: str) -> dict:
         return {"parents": [cand.parent_version] if cand.parent_version is not None else [],

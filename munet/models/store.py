@@ -35,7 +35,7 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from munet.errors import AlreadyExists, InvalidArgument, NotFound
+from munet.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from munet.models.modules import build_module, count_params, module_config
 
 TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -86,7 +86,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 # Schema versions (PRAGMA user_version), each reached from the one before by its migration, so a
 # newer munet-serve opens a store an older one wrote.
 #   1: the first release (tasks without a root).
-#   2: tasks record their root and input resolution; roots are recorded by name (meta "roots").
+#   2: tasks record their root and input resolution, and a creation id (uid) that tells a task from
+#      a later one of the same name; roots are recorded by name (meta "roots").
 SCHEMA_VERSION = 2
 
 
@@ -96,6 +97,9 @@ def _migrate_1_to_2(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE tasks ADD COLUMN root TEXT")
     if "image_size" not in cols:
         db.execute("ALTER TABLE tasks ADD COLUMN image_size INTEGER")
+    if "uid" not in cols:
+        db.execute("ALTER TABLE tasks ADD COLUMN uid TEXT")
+        db.execute("UPDATE tasks SET uid=lower(hex(randomblob(8))) WHERE uid IS NULL")
     # a first-release store was created with the committed ViT root at 32x32
     old = db.execute("SELECT value FROM meta WHERE key='root_modules'").fetchone()
     if old is not None:
@@ -133,6 +137,7 @@ class TaskRecord:
     created_at: str
     root: str = "vit_tiny"  # the root family its paths grew from
     image_size: int = 32  # the resolution its examples are stored and its paths run at
+    uid: str = ""  # creation id: a task deleted and registered again under its name gets a new one
 
 
 @dataclass
@@ -148,6 +153,18 @@ class PathRecord:
     score: float | None = None
     status: str = "candidate"
     created_at: str = ""
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What a pointer flip requires of its task: the same creation id and current version."""
+
+    uid: str
+    current_version: int | None
+
+
+class Superseded(FailedPrecondition):
+    """The task changed (deleted and re-registered, rolled back) since the change was prepared."""
 
 
 def content_id(kind: str, config: dict, module: nn.Module) -> str:
@@ -320,15 +337,16 @@ class Store:
                 "starting with a letter or digit"
             )
         created = now()
+        uid = uuid.uuid4().hex[:16]
         with self._tx() as db:
             if db.execute("SELECT 1 FROM tasks WHERE name=?", (name,)).fetchone():
                 raise AlreadyExists(f"task {name!r} already exists")
             db.execute(
-                "INSERT INTO tasks(name, labels, source, status, current_version, created_at, root, image_size)"
-                " VALUES (?,?,?,?,NULL,?,?,?)",
-                (name, json.dumps(labels), json.dumps(source), "creating", created, root, int(image_size)),
+                "INSERT INTO tasks(name, labels, source, status, current_version, created_at, root, image_size, uid)"
+                " VALUES (?,?,?,?,NULL,?,?,?,?)",
+                (name, json.dumps(labels), json.dumps(source), "creating", created, root, int(image_size), uid),
             )
-        return TaskRecord(name, labels, source, "creating", None, created, root, int(image_size))
+        return TaskRecord(name, labels, source, "creating", None, created, root, int(image_size), uid)
 
     def set_task_status(self, name: str, status: str) -> None:
         with self._tx() as db:
@@ -403,11 +421,17 @@ class Store:
 
     # ---- path versions ----------------------------------------------------------------------
 
-    def add_path_version(self, rec: PathRecord) -> PathRecord:
+    def add_path_version(self, rec: PathRecord, expect_uid: str | None = None) -> PathRecord:
+        """Store a new version (numbered here). With `expect_uid`, only into that creation of the task."""
         for mid in rec.modules:
             if not self.has_module(mid):
                 raise NotFound(f"module {mid} of the new path is not in the store")
         with self._tx() as db:
+            if expect_uid is not None:
+                row = db.execute("SELECT uid FROM tasks WHERE name=?", (rec.task,)).fetchone()
+                if row is None or row["uid"] != expect_uid:
+                    raise Superseded(f"task {rec.task!r} was deleted (and maybe registered again) since this "
+                                     "version was made for it")
             row = db.execute("SELECT COALESCE(MAX(version), 0) v FROM path_versions WHERE task=?",
                              (rec.task,)).fetchone()
             rec.version = row["v"] + 1
@@ -446,12 +470,25 @@ class Store:
                 db.execute("UPDATE path_versions SET status=? WHERE task=? AND version=?",
                            (status, task, version))
 
-    def set_current(self, task: str, version: int) -> None:
-        """Flip the task's pointer in one transaction: the old current becomes 'retired'."""
+    def set_current(self, task: str, version: int, expect: Expectation | None = None) -> None:
+        """Flip the task's pointer in one transaction: the old current becomes 'retired'.
+
+        With `expect`, the flip happens only if the task is still the one (creation id) and at the
+        version the caller started from, checked in the same transaction: a generation that ran
+        while its task was deleted and registered again, or rolled back, must not promote.
+        """
         with self._tx() as db:
-            row = db.execute("SELECT current_version FROM tasks WHERE name=?", (task,)).fetchone()
+            row = db.execute("SELECT current_version, uid FROM tasks WHERE name=?", (task,)).fetchone()
             if row is None:
                 raise NotFound(f"task {task!r} does not exist")
+            if expect is not None:
+                if row["uid"] != expect.uid:
+                    raise Superseded(f"task {task!r} was deleted and registered again since this candidate "
+                                     "was made from it")
+                if row["current_version"] != expect.current_version:
+                    raise Superseded(f"task {task!r} now serves v{row['current_version']}, not "
+                                     f"v{expect.current_version} that this candidate was compared with "
+                                     "(a rollback or another promotion came first)")
             if not db.execute("SELECT 1 FROM path_versions WHERE task=? AND version=?",
                               (task, version)).fetchone():
                 raise NotFound(f"task {task!r} has no version {version}")
@@ -528,7 +565,8 @@ class Store:
 
 def _task(r: sqlite3.Row) -> TaskRecord:
     return TaskRecord(r["name"], json.loads(r["labels"]), json.loads(r["source"]), r["status"],
-                      r["current_version"], r["created_at"], r["root"] or "vit_tiny", r["image_size"] or 32)
+                      r["current_version"], r["created_at"], r["root"] or "vit_tiny", r["image_size"] or 32,
+                      r["uid"] or "")
 
 
 def _path(r: sqlite3.Row) -> PathRecord:

@@ -7,6 +7,7 @@ paths improve, is evolution's business: the composition root (`munet.app`) hands
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import gc
@@ -16,6 +17,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -26,10 +28,10 @@ from munet import metrics
 from munet.config import Config
 from munet.data import images as imglib
 from munet.data.splits import TEST, TRAIN, VALIDATION, split_indices, split_new_examples
-from munet.errors import FailedPrecondition, InvalidArgument, MunetError, NotFound
+from munet.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, MunetError, NotFound
 from munet.models.export import parity_error
 from munet.models.roots import RootUnavailable, all_root_modules, ensure_root, get_root_spec, input_size, resolve_root
-from munet.models.store import PathRecord, Store, TaskRecord
+from munet.models.store import Expectation, PathRecord, Store, TaskRecord
 from munet.service.batching import MicroBatcher
 from munet.service.runtime import Runtime, ServedPath
 
@@ -100,6 +102,7 @@ class Core:
         self.batcher = MicroBatcher(config.max_batch_size, config.max_delay_ms, on_batch=self._on_batch)
         self._registering: set[str] = set()
         self._lock = threading.Lock()
+        self.decode_pool = ThreadPoolExecutor(max(1, config.decode_threads), thread_name_prefix="munet-decode")
         self.root = resolve_root(store, config.root)
         self.image_size = self.root_input_size(self.root)
 
@@ -150,20 +153,29 @@ class Core:
 
     # ---- predict ----------------------------------------------------------------------------
 
-    def decode(self, inputs: list[ImageInput], size: int) -> np.ndarray:
-        """Images of any size and format -> uint8 (N, size, size, 3), the task's input format."""
+    def decode(self, inputs: list[ImageInput], size: int, deadline: float | None = None,
+               cancelled: threading.Event | None = None) -> np.ndarray:
+        """Images of any size and format -> uint8 (N, size, size, 3), the task's input format.
+
+        CPU-bound: run it in `decode_pool`. Work stops between images once the request's `deadline`
+        (time.monotonic()) has passed or it was `cancelled`."""
         if not inputs:
             raise InvalidArgument("the request has no images")
         if len(inputs) > self.config.max_request_images:
             raise InvalidArgument(f"{len(inputs)} images in one request; the limit is "
                                   f"{self.config.max_request_images}")
         out = np.empty((len(inputs), size, size, 3), np.uint8)
+        limit = self.config.max_image_pixels
         for i, im in enumerate(inputs):
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled("the request was cancelled")
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded(f"the request's deadline passed while decoding image {i} of {len(inputs)}")
             try:
                 if im.encoded is not None:
-                    out[i] = imglib.decode_image(im.encoded, size)
+                    out[i] = imglib.decode_image(im.encoded, size, limit)
                 elif im.raw is not None:
-                    out[i] = imglib.from_raw(im.raw, im.height, im.width, im.channels, size)
+                    out[i] = imglib.from_raw(im.raw, im.height, im.width, im.channels, size, limit)
                 else:
                     raise imglib.InvalidImage("it carries neither encoded bytes nor raw pixels")
             except imglib.InvalidImage as e:
@@ -178,11 +190,22 @@ class Core:
             raise NotFound(f"task {task!r} does not exist")
         return p
 
-    async def predict(self, task: str, inputs: list[ImageInput], top_k: int = 1
+    async def predict(self, task: str, inputs: list[ImageInput], top_k: int = 1, timeout: float | None = None
                       ) -> tuple[ServedPath, list[Prediction]]:
         # the path is pinned here: a swap while this request waits does not change its answer
         path = self.served(task)
-        x = imglib.to_model_input(self.decode(inputs, path.image_size))
+        # decoding is CPU-bound (a 4096x4096 WebP takes ~3 s): never on the event loop, where health
+        # checks and every other request wait; in a bounded pool, stopped for a request that is gone
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        cancelled = threading.Event()
+        loop = asyncio.get_running_loop()
+        try:
+            x = await loop.run_in_executor(
+                self.decode_pool, lambda: imglib.to_model_input(self.decode(inputs, path.image_size, deadline,
+                                                                            cancelled)))
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
         preds = await self.batcher.submit(path, x, post=lambda y: top_k_predictions(y, path.labels, top_k))
         metrics.IMAGES.labels(task, str(path.version)).inc(len(x))
         return path, preds
@@ -380,21 +403,23 @@ class Core:
                                      f"(> {self.config.parity_atol}) for {served.task} v{served.version}")
         return err
 
-    def _serve(self, served: ServedPath, check_parity: bool) -> None:
+    def _serve(self, served: ServedPath, check_parity: bool, expect: Expectation | None = None) -> None:
         if check_parity:
             self.check_parity(served)
-        self.store.set_current(served.task, served.version)
+        self.store.set_current(served.task, served.version, expect)
         self.runtime.swap(served)
         metrics.PATH_VERSION.labels(served.task).set(served.version)
         for i, m in enumerate(served.module_ids):
             metrics.PATH_MODULE.labels(served.task, str(served.version), str(i), m).set(1)
         self._update_session_metrics()
 
-    def activate(self, rec: PathRecord) -> ServedPath:
-        """Export, parity-check, load and warm a stored version, then swap it in (promotion, rollback)."""
+    def activate(self, rec: PathRecord, expect: Expectation | None = None) -> ServedPath:
+        """Export, parity-check, load and warm a stored version, then swap it in (promotion, rollback).
+
+        `expect`: flip only if the task is still the same one at the same version (store.set_current)."""
         t = self.store.get_task(rec.task)
         served = self.runtime.prepare(rec, t.labels, t.image_size)
-        self._serve(served, check_parity=True)
+        self._serve(served, check_parity=True, expect=expect)
         self.runtime.pool.release(self.runtime.live_modules())
         self._update_session_metrics()
         return served

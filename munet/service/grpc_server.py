@@ -197,7 +197,7 @@ class MunetServicer(pb_grpc.MunetServicer):
         code = "INTERNAL"
         try:
             path, preds = await self.core.predict(request.task, [image_input(im) for im in request.images],
-                                                  request.top_k)
+                                                  request.top_k, timeout=context.time_remaining())
             resp = pb.PredictResponse(task=request.task, path_version=path.version)
             for p in preds:
                 resp.predictions.add().top.extend(

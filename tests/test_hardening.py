@@ -1,0 +1,95 @@
+"""Serving under bad input: images decode off the event loop, pixel limits hold before decoding,
+and the work of a request whose deadline passed stops."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+from grpc_fixtures import LoopThread, server_config
+from PIL import Image
+
+from munet.app import App
+from munet.client import MunetClient, MunetClientError
+from munet.data import images as imglib
+from munet.service.core import TaskSpec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    app = App.build(server_config(tmp_path_factory.mktemp("hardening"), max_image_pixels=1_000_000))
+    app.start()
+    app.core.register_task(TaskSpec(name="digits", builtin="uci_digits", max_examples=300))
+    loop = LoopThread()
+    port = loop.run(app.start_grpc("127.0.0.1:0"))
+    client = MunetClient(f"127.0.0.1:{port}", timeout=30.0)
+    client.wait_ready(10.0)
+    yield app, client
+    client.close()
+    loop.run(app.stop())
+    loop.close()
+
+
+def _png(h: int, w: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGBA", (w, h), (0, 0, 0, 0)).save(buf, "WEBP", lossless=True)
+    return buf.getvalue()
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(server):
+    _, client = server
+    bomb = _png(2000, 2000)  # a few hundred bytes that claim 4 million pixels
+    assert len(bomb) < 2000
+    with pytest.raises(MunetClientError) as e:
+        client.predict("digits", [bomb])
+    assert e.value.code == "INVALID_ARGUMENT" and "max_image_pixels" in e.value.message
+
+
+def test_decoding_runs_off_the_event_loop_and_health_answers_meanwhile(server, monkeypatch):
+    _, client = server
+    started, release, threads = threading.Event(), threading.Event(), []
+    real = imglib.decode_image
+
+    def slow_decode(data, size=32, max_pixels=imglib.MAX_PIXELS):
+        threads.append(threading.current_thread().name)
+        started.set()
+        release.wait(20)
+        return real(data, size, max_pixels)
+
+    monkeypatch.setattr(imglib, "decode_image", slow_decode)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(r=client.predict("digits", [_png(20, 20)])))
+    worker.start()
+    assert started.wait(20)
+    # the image is being decoded right now; the server still answers health checks
+    assert client.health() == "SERVING"
+    assert worker.is_alive()
+    release.set()
+    worker.join(20)
+    assert len(result["r"].predictions) == 1
+    assert threads and all(t.startswith("munet-decode") for t in threads)
+
+
+def test_work_for_a_request_past_its_deadline_stops(server, monkeypatch):
+    _, client = server
+    calls = []
+    real = imglib.decode_image
+
+    def slow_decode(data, size=32, max_pixels=imglib.MAX_PIXELS):
+        calls.append(1)
+        time.sleep(0.25)
+        return real(data, size, max_pixels)
+
+    monkeypatch.setattr(imglib, "decode_image", slow_decode)
+    with pytest.raises(MunetClientError) as e:
+        client.predict("digits", [_png(20, 20)] * 20, timeout=0.6)
+    assert e.value.code == "DEADLINE_EXCEEDED"
+    time.sleep(4.5)  # had decoding gone on, all 20 images (5 s) would be decoded by now
+    assert len(calls) < 10, len(calls)  # the server stopped at the deadline
+    assert client.predict("digits", [np.zeros((8, 8), np.uint8)]).predictions  # and serves on
+
