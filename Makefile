@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
-APT_PACKAGES := dataset-fashion-mnist fonts-noto-color-emoji unicode-data
+APT_PACKAGES := dataset-fashion-mnist fonts-noto-color-emoji unicode-data openssl
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 
 .PHONY: setup run test lint protos pretrain bench-quality bench-serve bench-prefix-cache clean-store bento

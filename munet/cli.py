@@ -129,16 +129,32 @@ def _labels_arg(text: str | None) -> list[str] | None:
 def _client(args: argparse.Namespace) -> Any:
     from munet.client import MunetClient
 
-    return MunetClient(args.target, timeout=args.timeout)
+    return MunetClient(args.target, timeout=args.timeout, token=args.token or None,
+                       tls_ca=args.tls_ca if args.tls_ca else None)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from munet.service.auth import Tokens
+
     config = Config.from_args(args)
+    tokens = Tokens.from_config(config)  # an unreadable token file stops here, with its reason
     env = {**os.environ, **config.to_env()}
     argv = [sys.executable, "-m", "bentoml", "serve", "munet.service.http:MunetService",
             "--host", config.host, "--port", str(config.http_port)]
-    print(f"munet: HTTP on {config.host}:{config.http_port}, gRPC on {config.host}:{config.grpc_port}, "
-          f"store {config.home}", file=sys.stderr)
+    if config.tls_cert and config.tls_key:
+        argv += ["--ssl-certfile", str(config.tls_cert), "--ssl-keyfile", str(config.tls_key)]
+        if config.tls_client_ca:
+            argv += ["--ssl-ca-certs", str(config.tls_client_ca), "--ssl-cert-reqs", "2"]  # 2: CERT_REQUIRED
+    scheme = "https" if config.tls_cert else "http"
+    access = ("protected: management needs the admin token" + (", predictions the predict token"
+              if tokens.predict else "; predictions are open")) if tokens.protected else \
+        "OPEN: no admin token, anyone who reaches the ports can register, delete and evolve tasks"
+    print(f"munet: {scheme.upper()} on {scheme}://{config.host}:{config.http_port} (docs at /), gRPC"
+          f"{' (TLS)' if config.tls_cert else ''} on {config.host}:{config.grpc_port}, store {config.home}; "
+          f"{access}", file=sys.stderr)
+    if not tokens.protected and config.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"munet: WARNING: listening on {config.host} without an admin token: every client on the "
+              "network can delete every task. Set MUNET_ADMIN_TOKEN (or MUNET_ADMIN_TOKEN_FILE).", file=sys.stderr)
     sys.stderr.flush()
     os.execvpe(sys.executable, argv, env)
     return 0  # not reached: the process is now BentoML
@@ -483,6 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
                             help="gRPC address of the server (env MUNET_TARGET; default localhost:50051)")
         target.add_argument("--timeout", type=float, default=argparse.SUPPRESS if suppress else 30.0,
                             help="seconds per ordinary call (default 30)")
+        target.add_argument("--token", default=argparse.SUPPRESS if suppress else os.environ.get("MUNET_TOKEN", ""),
+                            help="bearer token sent with every call (env MUNET_TOKEN)")
+        target.add_argument("--tls-ca", default=argparse.SUPPRESS if suppress else os.environ.get("MUNET_TLS_CA"),
+                            help="PEM CA bundle to trust: connect with TLS (env MUNET_TLS_CA; 'system' for "
+                                 "the system's roots)")
         target.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
                             help="print results as JSON")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -285,18 +285,63 @@ def example_batches(x: np.ndarray, y: Sequence[int] | np.ndarray, split: Sequenc
 # ---- client -------------------------------------------------------------------------------------
 
 
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call's metadata."""
+
+    def __init__(self, token: str):
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _details(self, d):
+        metadata = [*(d.metadata or ()), self.header]
+        return _CallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready, d.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
+
+
 class MunetClient:
     """Synchronous client. `timeout` bounds ordinary calls; `long_timeout` bounds the ones that train
     (RegisterTask, Rollback, TriggerEvolution with wait)."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: float = 30.0, long_timeout: float = 1800.0):
+    def __init__(self, target: str = DEFAULT_TARGET, timeout: float = 30.0, long_timeout: float = 1800.0,
+                 token: str | None = None, tls_ca: str | os.PathLike | None = None,
+                 tls_cert: str | os.PathLike | None = None, tls_key: str | os.PathLike | None = None):
+        """`token`: sent as `authorization: Bearer <token>` on every call. `tls_ca`: a PEM CA bundle
+        to trust (TLS; "" or "system" for the system's roots); `tls_cert`/`tls_key`: a client
+        certificate for servers that require one (mutual TLS)."""
         self.target = target
         self.timeout = timeout
         self.long_timeout = long_timeout
-        self._channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ])
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        if tls_ca is not None or tls_cert is not None:
+            def read(p):
+                return Path(p).read_bytes() if p not in (None, "", "system") else None
+
+            creds = grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
+            channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            channel = grpc.insecure_channel(target, options=options)
+        self._raw_channel = channel
+        if token:
+            channel = grpc.intercept_channel(channel, _Bearer(token))
+        self._channel = channel
         self._stub = pb_grpc.MunetStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -307,12 +352,12 @@ class MunetClient:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        self._raw_channel.close()
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until the channel connects (for scripts that start the server themselves)."""
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+            grpc.channel_ready_future(self._raw_channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
             raise MunetClientError("UNAVAILABLE", f"no server at {self.target} after {timeout:.0f} s") from None
 

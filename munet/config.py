@@ -13,7 +13,14 @@ from typing import Any, get_type_hints
 @dataclass
 class Config:
     home: Path = Path(".munet")  # data root: SQLite store, module files, example data
-    host: str = "0.0.0.0"
+    # loopback unless told otherwise: a server reachable from the network should carry a token
+    host: str = "127.0.0.1"
+    admin_token: str = ""  # bearer token for management calls (register, add, delete, evolve, rollback)
+    admin_token_file: Path | None = None  # or a file holding it (not in the environment)
+    predict_token: str = ""  # bearer token for Predict and the read-only calls ("" = open)
+    tls_cert: Path | None = None  # PEM certificate chain and key: TLS on gRPC and HTTP
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA bundle: require client certificates (mutual TLS)
     grpc_port: int = 50051
     http_port: int = 3000
     http_workers: int = 1
@@ -36,7 +43,11 @@ class Config:
     demo_builtin: str = "uci_digits"
     seed: int = 0
     head_train_epochs: int = 30  # initial head: full-batch epochs on cached trunk features
-    max_examples_per_task: int = 20000
+    max_examples_per_task: int = 20000  # over all uploads of a task, registration included
+    max_labels: int = 1000  # classes per task
+    max_tasks: int = 200
+    max_candidates_per_generation: int = 64  # what TriggerEvolution may ask for
+    max_candidate_budget_s: float = 3600.0
     parity_atol: float = 1e-4
     # evolution
     scheduler_enabled: bool = True

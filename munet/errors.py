@@ -45,3 +45,18 @@ class DeadlineExceeded(MunetError):
 class Cancelled(MunetError):
     code = "CANCELLED"
     http_status = 408  # the client is gone; nobody reads it
+
+
+class Unauthenticated(MunetError):
+    code = "UNAUTHENTICATED"
+    http_status = 401
+
+
+class PermissionDenied(MunetError):
+    code = "PERMISSION_DENIED"
+    http_status = 403
+
+
+class ResourceExhausted(MunetError):
+    code = "RESOURCE_EXHAUSTED"
+    http_status = 429

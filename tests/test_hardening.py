@@ -25,6 +25,7 @@ def server(tmp_path_factory):
     app = App.build(server_config(tmp_path_factory.mktemp("hardening"), max_image_pixels=1_000_000))
     app.start()
     app.core.register_task(TaskSpec(name="digits", builtin="uci_digits", max_examples=300))
+    app.start_scheduler()
     loop = LoopThread()
     port = loop.run(app.start_grpc("127.0.0.1:0"))
     client = MunetClient(f"127.0.0.1:{port}", timeout=30.0)
@@ -93,3 +94,35 @@ def test_work_for_a_request_past_its_deadline_stops(server, monkeypatch):
     assert len(calls) < 10, len(calls)  # the server stopped at the deadline
     assert client.predict("digits", [np.zeros((8, 8), np.uint8)]).predictions  # and serves on
 
+
+
+@pytest.mark.parametrize("kwargs, limit", [({"candidates": 2**32 - 1}, "max_candidates_per_generation"),
+                                          ({"budget_seconds": float("nan")}, "max_candidate_budget_s"),
+                                          ({"budget_seconds": 1e9}, "max_candidate_budget_s")])
+def test_evolution_requests_beyond_the_limits_are_refused(server, kwargs, limit):
+    _, client = server
+    with pytest.raises(MunetClientError) as e:
+        client.trigger_evolution("digits", **kwargs)
+    assert e.value.code == "INVALID_ARGUMENT" and limit in e.value.message
+
+
+def test_the_example_cap_holds_per_task_across_uploads(server):
+    app, client = server
+    cap = app.config.max_examples_per_task
+    held = sum(app.store.example_counts("digits").values())
+    x = np.random.default_rng(0).integers(0, 256, (cap - held + 1, 8, 8), dtype=np.uint8)
+    with pytest.raises(MunetClientError) as e:
+        client.add_examples("digits", x, np.zeros(len(x), np.int64))
+    assert e.value.code == "INVALID_ARGUMENT" and "max_examples_per_task" in e.value.message
+    assert sum(app.store.example_counts("digits").values()) == held  # nothing of it was stored
+    client.add_examples("digits", x[:5], np.zeros(5, np.int64))  # within the cap: taken
+    assert sum(app.store.example_counts("digits").values()) == held + 5
+
+
+def test_negative_max_examples_is_an_error_not_a_silent_cut(server):
+    app, _ = server
+    from munet.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="max_examples"):
+        app.core.register_task(TaskSpec(name="neg", builtin="uci_digits", max_examples=-5))
+    assert "neg" not in {t.name for t in app.store.list_tasks()}

@@ -32,9 +32,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _post(port: int, route: str, payload: dict) -> tuple[int, object]:
+ADMIN = "admin-" + uuid.uuid4().hex  # the shipped process runs protected, as on a network
+
+
+def _post(port: int, route: str, payload: dict, token: str | None = None) -> tuple[int, object]:
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {token}"} if token else {})}
     req = urllib.request.Request(f"http://127.0.0.1:{port}/{route}", data=json.dumps(payload).encode(),
-                                 headers={"content-type": "application/json"})
+                                 headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -42,7 +46,8 @@ def _post(port: int, route: str, payload: dict) -> tuple[int, object]:
         return e.code, json.loads(e.read() or b"null")
 
 
-def _post_file(port: int, route: str, fields: dict, file_bytes: bytes) -> tuple[int, object]:
+def _post_file(port: int, route: str, fields: dict, file_bytes: bytes, token: str | None = ADMIN
+               ) -> tuple[int, object]:
     boundary = uuid.uuid4().hex
     body = io.BytesIO()
     for k, v in fields.items():
@@ -50,8 +55,9 @@ def _post_file(port: int, route: str, fields: dict, file_bytes: bytes) -> tuple[
     body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="d.npz"\r\n'
                f"Content-Type: application/octet-stream\r\n\r\n".encode())
     body.write(file_bytes + f"\r\n--{boundary}--\r\n".encode())
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/{route}", data=body.getvalue(),
-                                 headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}",
+               **({"authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/{route}", data=body.getvalue(), headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -65,7 +71,8 @@ def server(tmp_path_factory):
     http_port, grpc_port = _free_port(), _free_port()
     env = {**os.environ, "MUNET_HOME": str(home), "MUNET_HTTP_PORT": str(http_port),
            "MUNET_GRPC_PORT": str(grpc_port), "MUNET_HOST": "127.0.0.1", "MUNET_SCHEDULER_ENABLED": "0",
-           "MUNET_DEMO_TASK": "1", "BENTOML_HOME": str(home / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+           "MUNET_DEMO_TASK": "1", "MUNET_ADMIN_TOKEN": ADMIN, "BENTOML_HOME": str(home / "bentoml"),
+           "BENTOML_DO_NOT_TRACK": "True"}
     proc = subprocess.Popen([sys.executable, "-m", "munet.cli", "serve"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=open(home / "serve.log", "wb"))
     try:
@@ -130,6 +137,9 @@ def test_register_an_uploaded_npz_over_http(server):
     with MunetClient(f"127.0.0.1:{grpc_port}") as c:
         assert c.get_task("animals-http").current_version == 1
         before = c.get_task("animals-http")
+    # management needs the admin token: none -> 401, a wrong one -> 403, and nothing is stored
+    assert _post_file(http_port, "add_examples", {"task": "animals-http"}, buf.getvalue(), token=None)[0] == 401
+    assert _post_file(http_port, "add_examples", {"task": "animals-http"}, buf.getvalue(), token="guess")[0] == 403
     more = io.BytesIO()
     np.savez(more, x=255 - ds.x[:20], y=ds.y[:20])  # corrections in a new style
     status, added = _post_file(http_port, "add_examples", {"task": "animals-http"}, more.getvalue())
@@ -138,3 +148,25 @@ def test_register_an_uploaded_npz_over_http(server):
     with MunetClient(f"127.0.0.1:{grpc_port}") as c:
         after = c.get_task("animals-http")
     assert after.train_examples + after.validation_examples == before.train_examples + before.validation_examples + 20
+
+
+def test_management_needs_the_admin_token_on_both_protocols(server):
+    from munet.client import MunetClientError
+
+    http_port, grpc_port = server
+    assert _post(http_port, "delete", {"name": "digits-demo"})[0] == 401
+    status, body = _post(http_port, "delete", {"name": "digits-demo"}, token="not-it")
+    assert status == 403 and body["code"] == "PERMISSION_DENIED"
+    assert _post(http_port, "tasks", {})[0] == 200  # reads are open (no predict token configured)
+    with MunetClient(f"127.0.0.1:{grpc_port}") as c:
+        with pytest.raises(MunetClientError) as e:
+            c.delete_task("digits-demo")
+        assert e.value.code == "UNAUTHENTICATED"
+        assert c.health() == "SERVING"
+        assert c.predict("digits-demo", [np.zeros((8, 8), np.uint8)]).version >= 1
+    with MunetClient(f"127.0.0.1:{grpc_port}", token="wrong") as c, pytest.raises(MunetClientError) as e:
+        c.trigger_evolution("digits-demo")
+    assert e.value.code == "PERMISSION_DENIED"
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=30) as r:
+        assert r.status == 200  # scrapers need no token
+    assert any(t.name == "digits-demo" for t in MunetClient(f"127.0.0.1:{grpc_port}").list_tasks())

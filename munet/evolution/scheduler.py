@@ -22,7 +22,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from munet import metrics
 from munet.config import Config
-from munet.errors import FailedPrecondition, NotFound
+from munet.errors import FailedPrecondition, InvalidArgument, NotFound
 from munet.evolution.generation import Evolver, GenerationReport
 from munet.models.store import PathRecord, Store
 
@@ -148,8 +148,12 @@ class Evolution:
             task = self.pick_task()
             if task is None:
                 raise FailedPrecondition("there is no task to evolve")
-        if candidates < 0 or budget_s < 0:
-            raise FailedPrecondition("candidates and budget must not be negative")
+        if not 0 <= candidates <= self.config.max_candidates_per_generation:
+            raise InvalidArgument(f"candidates must be in 0..{self.config.max_candidates_per_generation} "
+                                  f"(max_candidates_per_generation); got {candidates}")
+        if not 0.0 <= budget_s <= self.config.max_candidate_budget_s:  # NaN fails this too
+            raise InvalidArgument(f"budget_seconds must be in 0..{self.config.max_candidate_budget_s:g} "
+                                  f"(max_candidate_budget_s); got {budget_s}")
         if not self.scheduler.running:
             raise FailedPrecondition("the evolution scheduler is not running")
         done: concurrent.futures.Future = concurrent.futures.Future()

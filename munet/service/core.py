@@ -239,6 +239,11 @@ class Core:
     def _register(self, spec: TaskSpec, uploaded: Iterable[Examples]) -> TaskRecord:
         if self.path_maker is None:
             raise FailedPrecondition("this server cannot train new tasks (no path maker configured)")
+        if spec.max_examples < 0:
+            raise InvalidArgument(f"max_examples must be >= 0 (0: all); got {spec.max_examples}")
+        if len(self.store.list_tasks()) >= self.config.max_tasks:
+            raise InvalidArgument(f"this server holds at most {self.config.max_tasks} tasks (max_tasks); "
+                                  "delete one first")
         for frac, what in ((spec.validation_fraction, "validation"), (spec.test_fraction, "test")):
             if not 0.0 <= frac < 0.5:
                 raise InvalidArgument(f"{what}_fraction must be in [0, 0.5), got {frac}")
@@ -255,6 +260,11 @@ class Core:
             raise InvalidArgument("the task has no label names")
         if len(set(labels)) != len(labels) or any(not s for s in labels):
             raise InvalidArgument("label names must be non-empty and distinct")
+        if len(labels) > self.config.max_labels:
+            raise InvalidArgument(f"{len(labels)} labels; a task may have at most {self.config.max_labels} "
+                                  "(max_labels)")
+        if any(len(s) > 200 or "\x00" in s for s in labels):
+            raise InvalidArgument("label names must be at most 200 characters, without NUL")
         bad = (data.y < 0) | (data.y >= len(labels))
         if bad.any():
             i = int(np.argmax(bad))
@@ -369,6 +379,10 @@ class Core:
         t = self.store.get_task(task)
         if len(examples.y) == 0:
             raise InvalidArgument("no examples given")
+        held = sum(self.store.example_counts(task).values())
+        if held + len(examples.y) > self.config.max_examples_per_task:
+            raise InvalidArgument(f"task {task!r} holds {held} examples; {len(examples.y)} more would pass the "
+                                  f"limit of {self.config.max_examples_per_task} per task (max_examples_per_task)")
         bad = (examples.y < 0) | (examples.y >= len(t.labels))
         if bad.any():
             i = int(np.argmax(bad))

@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from munet import metrics
 from munet.config import Config
 from munet.errors import FailedPrecondition, InvalidArgument, MunetError
+from munet.service.auth import GrpcAuthInterceptor, Tokens
 from munet.service.core import UNSPECIFIED, Core, Examples, ImageInput, TaskSpec
 from munet.v1 import munet_pb2 as pb
 from munet.v1 import munet_pb2_grpc as pb_grpc
@@ -361,7 +362,7 @@ def create_grpc_server(core: Core, evolution: Evolution | None, config: Config,
 
     The health servicer is reachable as `server.munet_health` (see `stop_grpc_server`).
     """
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=[GrpcAuthInterceptor(Tokens.from_config(config))], options=[
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         # without this a second server on the same port would silently share its traffic
@@ -373,7 +374,8 @@ def create_grpc_server(core: Core, evolution: Evolution | None, config: Config,
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = address or f"{config.host}:{config.grpc_port}"
     try:
-        port = server.add_insecure_port(address)
+        creds = server_credentials(config)
+        port = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
     except RuntimeError as e:
         raise OSError(f"cannot bind the gRPC server to {address} (is another server using the port?): {e}") \
             from None
@@ -382,6 +384,17 @@ def create_grpc_server(core: Core, evolution: Evolution | None, config: Config,
     server.munet_health = health  # type: ignore[attr-defined]
     log.info("gRPC server bound to %s (port %d)", address, port)
     return server, port
+
+
+def server_credentials(config: Config) -> grpc.ServerCredentials | None:
+    """TLS from the configured PEM files (mutual TLS when a client CA is given); None: plaintext."""
+    if not config.tls_cert and not config.tls_key:
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise ValueError("TLS needs both tls_cert and tls_key")
+    ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+                                       root_certificates=ca, require_client_auth=ca is not None)
 
 
 async def stop_grpc_server(server: grpc.aio.Server, grace: float | None = 5.0) -> None:

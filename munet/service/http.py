@@ -24,6 +24,7 @@ from munet import metrics
 from munet.app import App, setup_logging
 from munet.config import Config
 from munet.errors import InvalidArgument, MunetError
+from munet.service.auth import HTTPAuthMiddleware, Tokens
 from munet.service.core import UNSPECIFIED, Examples, ImageInput, TaskSpec
 
 log = logging.getLogger("munet.http")
@@ -194,3 +195,9 @@ class MunetService:
         if self.app.evolution is None:
             return {"running": False, "scheduler_enabled": False}
         return await self._call(self.app.evolution.status)
+
+
+_TOKENS = Tokens.from_config(CONFIG)
+if _TOKENS.admin or _TOKENS.predict:
+    # in front of every route, before a body is read: refused uploads cost nothing
+    MunetService.add_asgi_middleware(HTTPAuthMiddleware, tokens=_TOKENS)
