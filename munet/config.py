@@ -29,6 +29,10 @@ class Config:
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
     max_batch_size: int = 64  # images per server-side micro-batch
     max_delay_ms: float = 2.0  # how long the first request of a batch waits for company
+    # admission: images admitted and not yet answered, in all and per task; past
+    # them a request is refused at once with RESOURCE_EXHAUSTED / 429 + Retry-After
+    max_queue_images: int = 2048  # ~225 MB of model input at 96 px
+    max_task_queue_images: int = 0  # 0: half the queue, and at least max_request_images
     max_request_images: int = 1024
     # pixels per image, read from the file's header before anything is decoded (a 700-byte WebP can
     # claim 4096x4096); images decode in a pool of this many threads, off the event loop

@@ -126,3 +126,64 @@ def test_negative_max_examples_is_an_error_not_a_silent_cut(server):
     with pytest.raises(InvalidArgument, match="max_examples"):
         app.core.register_task(TaskSpec(name="neg", builtin="uci_digits", max_examples=-5))
     assert "neg" not in {t.name for t in app.store.list_tasks()}
+
+
+def test_a_flood_is_refused_at_once_and_other_tasks_keep_their_turn(make_app, monkeypatch):
+    import asyncio
+
+    from conftest import register_digits
+
+    from munet.errors import ResourceExhausted
+    from munet.service import batching
+    from munet.service.core import ImageInput
+
+    app = make_app(max_queue_images=6, max_task_queue_images=4, max_batch_size=2, max_request_images=4)
+    register_digits(app, "hot", max_examples=200)
+    register_digits(app, "cold", max_examples=200, seed=1)
+    batches, release = [], threading.Event()
+    real = batching.run_grouped
+
+    def blocking(items):
+        batches.append(sorted(p.task for p, _ in items))
+        release.wait(20)  # the first batch holds the inference thread while the queue fills
+        return real(items)
+
+    monkeypatch.setattr(batching, "run_grouped", blocking)
+    img = [ImageInput(raw=bytes(64), height=8, width=8, channels=1)]
+    core = app.core
+
+    async def scenario():
+        hot = [asyncio.create_task(core.predict("hot", img)) for _ in range(4)]
+        await asyncio.sleep(0.2)
+        with pytest.raises(ResourceExhausted, match="max_task_queue_images"):
+            await core.predict("hot", img)  # its share is full: refused without waiting
+        cold = [asyncio.create_task(core.predict("cold", img)) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        with pytest.raises(ResourceExhausted, match="max_queue_images"):
+            await core.predict("cold", img)  # the whole queue is full
+        assert core.batcher.queue_depth == 6
+        release.set()
+        await asyncio.gather(*hot, *cold)
+        assert core.batcher.queue_depth == 0
+
+    asyncio.run(scenario())
+    # round robin: after the blocked first batch, the cold task's request rides in the very next one
+    # instead of waiting behind the hot task's backlog (first in, first out would serve it last)
+    assert set(batches[0]) == {"hot"} and "cold" in batches[1], batches
+
+
+def test_429_answers_carry_retry_after():
+    import asyncio
+
+    from munet.service.http import RetryAfterMiddleware
+
+    sent = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 429, "headers": []})
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(RetryAfterMiddleware(app)({"type": "http"}, None, send))
+    assert (b"retry-after", b"1") in sent[0]["headers"]

@@ -1,10 +1,16 @@
-"""Server-side micro-batching across requests and tasks.
+"""Server-side micro-batching across requests and tasks, with bounded, fair admission.
 
-Requests wait in one queue. The collector takes the first, then keeps taking until the batch holds
-`max_batch_size` images or `max_delay_ms` passed since the first arrived, and hands the batch to one
-inference thread. While that thread is busy, the next batch fills: under load batches grow by
-themselves, and a lone request waits at most `max_delay_ms`. A batch may mix tasks and path
-versions; `run_grouped` shares the modules their paths have in common.
+Requests wait in one queue per task. The collector takes the first, then keeps taking, one request
+per task in turn (round robin), until the batch holds `max_batch_size` images or `max_delay_ms`
+passed since the first arrived, and hands the batch to one inference thread. While that thread is
+busy, the next batch fills: under load batches grow by themselves, and a lone request waits at most
+`max_delay_ms`. A batch may mix tasks and path versions; `run_grouped` shares the modules their
+paths have in common.
+
+Admission is bounded: a request reserves its images before it is decoded, and is refused at once
+(RESOURCE_EXHAUSTED / 429) when the server already holds `max_queue_images`, or its task holds
+`max_task_queue_images`: a flood costs the server a refusal, not memory, and one hot task cannot
+take the whole queue; round robin then keeps the others' latency.
 """
 
 from __future__ import annotations
@@ -13,12 +19,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from munet.errors import ResourceExhausted
 from munet.service.runtime import ServedPath, run_grouped
 
 
@@ -38,24 +46,32 @@ def _run_batch(batch: list[_Request]) -> list[Any]:
 
 class MicroBatcher:
     def __init__(self, max_batch_size: int = 64, max_delay_ms: float = 2.0,
-                 on_batch: Callable[[int, int], None] | None = None):
+                 on_batch: Callable[[int, int], None] | None = None, max_queue_images: int = 1024,
+                 max_task_queue_images: int = 0):
         self.max_batch_size = max(1, max_batch_size)
         self.max_delay = max(0.0, max_delay_ms) / 1000.0
         self.on_batch = on_batch  # (images, tasks) per executed batch, for metrics
-        self._queue: asyncio.Queue[_Request] | None = None
+        self.max_queue_images = max(1, max_queue_images)
+        # default: half the queue, and never less than a batch
+        self.max_task_queue_images = max_task_queue_images or max(self.max_batch_size, self.max_queue_images // 2)
+        self._queues: dict[str, deque[_Request]] = {}
+        self._turns: deque[str] = deque()  # tasks with waiting requests, in the order they are served
+        self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="munet-infer")
         self._pending_images = 0
+        self._pending_by_task: dict[str, int] = {}
         self._last_batch_requests = 0
 
     @property
     def queue_depth(self) -> int:
-        """Images waiting or running: the load signal evolution backs off on."""
+        """Images admitted and not answered yet (decoding, waiting or running): the load signal
+        evolution backs off on."""
         return self._pending_images
 
     def start(self) -> None:
         if self._task is None:
-            self._queue = asyncio.Queue()
+            self._arrived = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._collect(), name="munet-batcher")
 
     async def stop(self) -> None:
@@ -66,55 +82,110 @@ class MicroBatcher:
             self._task = None
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, path: ServedPath, x: np.ndarray, post: Callable[[np.ndarray], Any] | None = None) -> Any:
-        """The path's output for `x`, passed through `post` (on the inference thread) when given."""
+    # ---- admission ------------------------------------------------------------------------------
+
+    def reserve(self, task: str, n: int) -> None:
+        """Admit `n` images of `task` or refuse at once; every reserve is matched by a `release`."""
+        if self._pending_images + n > self.max_queue_images:
+            raise ResourceExhausted(f"the server is at capacity: {self._pending_images} images queued, "
+                                    f"{n} more would pass max_queue_images={self.max_queue_images}; retry shortly")
+        held = self._pending_by_task.get(task, 0)
+        if held + n > self.max_task_queue_images:
+            raise ResourceExhausted(f"task {task!r} has {held} images queued, {n} more would pass its share "
+                                    f"max_task_queue_images={self.max_task_queue_images}; retry shortly")
+        self._pending_images += n
+        self._pending_by_task[task] = held + n
+
+    def release(self, task: str, n: int) -> None:
+        self._pending_images -= n
+        left = self._pending_by_task.get(task, 0) - n
+        if left > 0:
+            self._pending_by_task[task] = left
+        else:
+            self._pending_by_task.pop(task, None)
+
+    # ---- the queue ------------------------------------------------------------------------------
+
+    def _put(self, req: _Request) -> None:
+        q = self._queues.setdefault(req.path.task, deque())
+        if not q:
+            self._turns.append(req.path.task)
+        q.append(req)
+        assert self._arrived is not None
+        self._arrived.set()
+
+    def _take(self) -> _Request | None:
+        """The next request in round-robin order over the tasks that have one waiting."""
+        if not self._turns:
+            return None
+        task = self._turns.popleft()
+        q = self._queues[task]
+        req = q.popleft()
+        if q:
+            self._turns.append(task)  # its next request waits for the other tasks' turns
+        else:
+            del self._queues[task]
+        return req
+
+    async def _next(self) -> _Request:
+        assert self._arrived is not None
+        while True:
+            req = self._take()
+            if req is not None:
+                return req
+            self._arrived.clear()
+            await self._arrived.wait()
+
+    async def submit(self, path: ServedPath, x: np.ndarray, post: Callable[[np.ndarray], Any] | None = None,
+                     reserved: bool = False) -> Any:
+        """The path's output for `x`, passed through `post` (on the inference thread) when given.
+
+        `reserved`: the caller already reserved `len(x)` images for `path.task` (and this call
+        releases them); otherwise they are reserved here (ResourceExhausted when full)."""
         if self._task is None:
             self.start()
-        assert self._queue is not None
-        fut = asyncio.get_running_loop().create_future()
-        self._pending_images += len(x)
-        # large requests are split so one client cannot monopolise a batch beyond the limit
-        if len(x) > self.max_batch_size:
-            parts = [x[i:i + self.max_batch_size] for i in range(0, len(x), self.max_batch_size)]
-            futs = []
-            for p in parts:
-                f = asyncio.get_running_loop().create_future()
-                self._queue.put_nowait(_Request(path, p, f))
-                futs.append(f)
-            try:
-                outs = await asyncio.gather(*futs)
-            finally:
-                self._pending_images -= len(x)
-            y = np.concatenate(outs)
-            return post(y) if post is not None else y
-        self._queue.put_nowait(_Request(path, x, fut, post))
+        if not reserved:
+            self.reserve(path.task, len(x))
         try:
+            loop = asyncio.get_running_loop()
+            # large requests are split so one client cannot monopolise a batch beyond the limit
+            if len(x) > self.max_batch_size:
+                futs = []
+                for i in range(0, len(x), self.max_batch_size):
+                    f = loop.create_future()
+                    self._put(_Request(path, x[i:i + self.max_batch_size], f))
+                    futs.append(f)
+                y = np.concatenate(await asyncio.gather(*futs))
+                return post(y) if post is not None else y
+            fut = loop.create_future()
+            self._put(_Request(path, x, fut, post))
             return await fut
         finally:
-            self._pending_images -= len(x)
+            self.release(path.task, len(x))
 
     async def _collect(self) -> None:
-        assert self._queue is not None
+        assert self._arrived is not None
         loop = asyncio.get_running_loop()
         carry: _Request | None = None
         while True:
-            first = carry or await self._queue.get()
+            first = carry or await self._next()
             carry = None
             batch, n = [first], len(first.x)
             # wait for company only under load: a lone request on an idle server runs at once
-            busy = self._last_batch_requests > 1 or not self._queue.empty()
+            busy = self._last_batch_requests > 1 or bool(self._turns)
             deadline = first.enqueued + (self.max_delay if busy else 0.0)
             while n < self.max_batch_size:
-                try:
-                    req = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
+                req = self._take()
+                if req is None:
                     left = deadline - time.perf_counter()
                     if left <= 0:
                         break
+                    self._arrived.clear()
                     try:
-                        req = await asyncio.wait_for(self._queue.get(), left)
+                        await asyncio.wait_for(self._arrived.wait(), left)
                     except TimeoutError:
                         break
+                    continue
                 if n + len(req.x) > self.max_batch_size:
                     carry = req
                     break

@@ -99,7 +99,10 @@ class Core:
         self.store = store
         self.path_maker = path_maker
         self.runtime = Runtime(store, config.providers, config.intra_op_threads)
-        self.batcher = MicroBatcher(config.max_batch_size, config.max_delay_ms, on_batch=self._on_batch)
+        self.batcher = MicroBatcher(config.max_batch_size, config.max_delay_ms, on_batch=self._on_batch,
+                                    max_queue_images=max(config.max_queue_images, config.max_request_images),
+                                    max_task_queue_images=config.max_task_queue_images or max(
+                                        config.max_request_images, config.max_queue_images // 2))
         self._registering: set[str] = set()
         self._lock = threading.Lock()
         self.decode_pool = ThreadPoolExecutor(max(1, config.decode_threads), thread_name_prefix="munet-decode")
@@ -199,14 +202,24 @@ class Core:
         deadline = time.monotonic() + timeout if timeout is not None else None
         cancelled = threading.Event()
         loop = asyncio.get_running_loop()
+        if not inputs:
+            raise InvalidArgument("the request has no images")
+        if len(inputs) > self.config.max_request_images:
+            raise InvalidArgument(f"{len(inputs)} images in one request; the limit is "
+                                  f"{self.config.max_request_images} (max_request_images)")
+        # admitted before decoding: a refused request costs nothing; the batcher releases it
+        self.batcher.reserve(task, len(inputs))
         try:
             x = await loop.run_in_executor(
                 self.decode_pool, lambda: imglib.to_model_input(self.decode(inputs, path.image_size, deadline,
                                                                             cancelled)))
-        except asyncio.CancelledError:
-            cancelled.set()
+        except BaseException as e:
+            if isinstance(e, asyncio.CancelledError):
+                cancelled.set()
+            self.batcher.release(task, len(inputs))
             raise
-        preds = await self.batcher.submit(path, x, post=lambda y: top_k_predictions(y, path.labels, top_k))
+        preds = await self.batcher.submit(path, x, post=lambda y: top_k_predictions(y, path.labels, top_k),
+                                          reserved=True)
         metrics.IMAGES.labels(task, str(path.version)).inc(len(x))
         return path, preds
 

@@ -197,6 +197,23 @@ class MunetService:
         return await self._call(self.app.evolution.status)
 
 
+class RetryAfterMiddleware:
+    """429 answers say when to come back (RFC 9110 Retry-After): the queue drains within a second."""
+
+    def __init__(self, app, seconds: int = 1):
+        self.app = app
+        self.header = (b"retry-after", str(seconds).encode())
+
+    async def __call__(self, scope, receive, send):
+        async def send_with_retry_after(message):
+            if message.get("type") == "http.response.start" and message.get("status") == 429:
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_retry_after if scope.get("type") == "http" else send)
+
+
+MunetService.add_asgi_middleware(RetryAfterMiddleware)
 _TOKENS = Tokens.from_config(CONFIG)
 if _TOKENS.admin or _TOKENS.predict:
     # in front of every route, before a body is read: refused uploads cost nothing
