@@ -402,8 +402,11 @@ class MunetClient:
 
         def messages() -> Iterator[pb.RegisterTaskRequest]:
             yield pb.RegisterTaskRequest(spec=spec)
+            sent = 0
             for b in batches:
+                sent += len(b.examples)
                 yield pb.RegisterTaskRequest(examples=b)
+            yield pb.RegisterTaskRequest(end=pb.UploadEnd(examples=sent))  # commit: all was sent
 
         return _task(self._call(self._stub.RegisterTask, messages(),
                                 timeout if timeout is not None else self.long_timeout))
@@ -414,12 +417,14 @@ class MunetClient:
         batches = example_batches(x, y, split, chunk)
 
         def messages() -> Iterator[pb.AddExamplesRequest]:
-            first = True
+            first, sent = True, 0
             for b in batches:
+                sent += len(b.examples)
                 yield pb.AddExamplesRequest(task=task if first else "", examples=b)
                 first = False
-            if first:  # no examples: still name the task, so the server says what is wrong
-                yield pb.AddExamplesRequest(task=task)
+            # commit: all was sent (the first message when there were no examples, naming the task,
+            # so the server says what is wrong)
+            yield pb.AddExamplesRequest(task=task if first else "", end=pb.UploadEnd(examples=sent))
 
         r = self._call(self._stub.AddExamples, messages(), timeout)
         return AddExamplesResult(r.task, r.added, r.train, r.validation, r.test, r.total_examples)

@@ -187,3 +187,71 @@ def test_429_answers_carry_retry_after():
 
     asyncio.run(RetryAfterMiddleware(app)({"type": "http"}, None, send))
     assert (b"retry-after", b"1") in sent[0]["headers"]
+
+
+def _raw_stub(client):
+    from munet.v1 import munet_pb2_grpc as pb_grpc
+
+    return pb_grpc.MunetStub(client._raw_channel)
+
+
+def _batch(n: int, label: int = 0):
+    from munet.v1 import munet_pb2 as pb
+
+    b = pb.ExampleBatch()
+    for i in range(n):
+        b.examples.add(image=pb.Image(raw=pb.RawImage(data=bytes([i % 256]) * 64, height=8, width=8, channels=1)),
+                       label=label if i % 2 else 1 - label)
+    return b
+
+
+def test_an_upload_without_its_end_message_stores_nothing(server):
+    import grpc
+
+    from munet.v1 import munet_pb2 as pb
+
+    app, client = server
+    stub = _raw_stub(client)
+    spec = pb.TaskSpec(name="half-done", labels=["a", "b"])
+    with pytest.raises(grpc.RpcError) as e:  # the stream just stops, as a cancelled one does in grpc.aio
+        stub.RegisterTask(iter([pb.RegisterTaskRequest(spec=spec), pb.RegisterTaskRequest(examples=_batch(40))]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UploadEnd" in e.value.details()
+    assert "half-done" not in {t.name for t in app.store.list_tasks()}
+    held = sum(app.store.example_counts("digits").values())
+    with pytest.raises(grpc.RpcError) as e:
+        stub.AddExamples(iter([pb.AddExamplesRequest(task="digits", examples=_batch(10))]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as e:  # an end that miscounts is no commit either
+        stub.AddExamples(iter([pb.AddExamplesRequest(task="digits", examples=_batch(10),
+                                                     end=pb.UploadEnd(examples=11))]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "11" in e.value.details()
+    assert sum(app.store.example_counts("digits").values()) == held
+    # the same uploads with their end message commit, and the name is free for the retry
+    reply = stub.AddExamples(iter([pb.AddExamplesRequest(task="digits", examples=_batch(10),
+                                                         end=pb.UploadEnd(examples=10))]))
+    assert reply.added == 10
+    client.register_task("half-done", labels=["a", "b"], examples=(np.zeros((40, 8, 8), np.uint8), [0, 1] * 20))
+    assert "half-done" in {t.name for t in app.store.list_tasks()}
+
+
+def test_a_client_that_cancels_mid_upload_leaves_no_trace(server):
+    from munet.v1 import munet_pb2 as pb
+
+    app, client = server
+    stub = _raw_stub(client)
+    sent, stall = threading.Event(), threading.Event()
+
+    def requests():
+        yield pb.RegisterTaskRequest(spec=pb.TaskSpec(name="cancelled", labels=["a", "b"]))
+        yield pb.RegisterTaskRequest(examples=_batch(40))
+        sent.set()
+        stall.wait(20)  # the client goes away here
+
+    call = stub.RegisterTask.future(requests())
+    assert sent.wait(20)
+    time.sleep(0.3)
+    call.cancel()
+    stall.set()
+    time.sleep(1.0)
+    assert "cancelled" not in {t.name for t in app.store.list_tasks()}
+    assert client.health() == "SERVING"

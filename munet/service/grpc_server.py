@@ -169,6 +169,18 @@ def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
     return wrapper
 
 
+def _check_upload_end(end: list[pb.UploadEnd], parts: list[Examples]) -> None:
+    """An upload commits only when its stream closed with an UploadEnd that counts what arrived: in
+    grpc.aio a cancelled client stream ends like a finished one, so the end of the stream says nothing."""
+    if not end:
+        raise InvalidArgument("the upload stream ended without its UploadEnd message (a cancelled or failed "
+                              "client?); nothing was stored. Send UploadEnd(examples=N) last to commit")
+    received = sum(len(p.y) for p in parts)
+    if end[0].examples != received:
+        raise InvalidArgument(f"UploadEnd says {end[0].examples} examples were sent, {received} arrived; "
+                              "nothing was stored")
+
+
 async def _first_message(request_iterator: AsyncIterator[_M], empty: str) -> tuple[AsyncIterator[_M], _M]:
     """The rest of a client stream and its first message; an empty stream is the client's error."""
     stream = aiter(request_iterator)
@@ -245,14 +257,22 @@ class MunetServicer(pb_grpc.MunetServicer):
             raise InvalidArgument("the first RegisterTask message must carry the spec, not examples")
         spec = task_spec(first.spec)
 
+        end: list[pb.UploadEnd] = []
+
         async def batches() -> AsyncIterator[pb.ExampleBatch]:
             async for req in stream:
-                if req.WhichOneof("item") == "spec":
+                if end:
+                    raise InvalidArgument("no RegisterTask message may follow the UploadEnd message")
+                item = req.WhichOneof("item")
+                if item == "spec":
                     raise InvalidArgument("only the first RegisterTask message may carry a spec")
-                if req.HasField("examples"):
+                if item == "end":
+                    end.append(req.end)
+                elif req.HasField("examples"):
                     yield req.examples
 
         parts = await self._decode_stream(batches(), self.core.new_task_size(spec))
+        _check_upload_end(end, parts)  # a stream that just stopped registers nothing
         rec = await asyncio.to_thread(self.core.register_task, spec, parts)
         return to_message(pb.Task, await asyncio.to_thread(self.core.task_view, rec.name))
 
@@ -266,12 +286,23 @@ class MunetServicer(pb_grpc.MunetServicer):
         # NOT_FOUND before the client streams (and we decode) the whole upload
         t = await asyncio.to_thread(self.core.store.get_task, task)
 
+        end: list[pb.UploadEnd] = []
+
         async def batches() -> AsyncIterator[pb.ExampleBatch]:
-            yield first.examples
-            async for req in stream:
+            req = first
+            while True:
+                if end:
+                    raise InvalidArgument("no AddExamples message may follow the one carrying UploadEnd")
+                if req.HasField("end"):
+                    end.append(req.end)
                 yield req.examples
+                try:
+                    req = await anext(stream)
+                except StopAsyncIteration:
+                    return
 
         parts = await self._decode_stream(batches(), t.image_size)
+        _check_upload_end(end, parts)  # a stream that just stopped adds nothing
         # one core call for the whole stream: the examples are stored as one batch, or not at all
         examples = Examples.concat(parts, t.image_size)
         counts = await asyncio.to_thread(self.core.add_examples, task, examples)

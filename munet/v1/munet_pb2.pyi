@@ -112,21 +112,31 @@ class ExampleBatch(_message.Message):
     examples: _containers.RepeatedCompositeFieldContainer[LabelledImage]
     def __init__(self, examples: _Optional[_Iterable[_Union[LabelledImage, _Mapping]]] = ...) -> None: ...
 
+class UploadEnd(_message.Message):
+    __slots__ = ("examples",)
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    examples: int
+    def __init__(self, examples: _Optional[int] = ...) -> None: ...
+
 class RegisterTaskRequest(_message.Message):
-    __slots__ = ("spec", "examples")
+    __slots__ = ("spec", "examples", "end")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     spec: TaskSpec
     examples: ExampleBatch
-    def __init__(self, spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., examples: _Optional[_Union[ExampleBatch, _Mapping]] = ...) -> None: ...
+    end: UploadEnd
+    def __init__(self, spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., examples: _Optional[_Union[ExampleBatch, _Mapping]] = ..., end: _Optional[_Union[UploadEnd, _Mapping]] = ...) -> None: ...
 
 class AddExamplesRequest(_message.Message):
-    __slots__ = ("task", "examples")
+    __slots__ = ("task", "examples", "end")
     TASK_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     task: str
     examples: ExampleBatch
-    def __init__(self, task: _Optional[str] = ..., examples: _Optional[_Union[ExampleBatch, _Mapping]] = ...) -> None: ...
+    end: UploadEnd
+    def __init__(self, task: _Optional[str] = ..., examples: _Optional[_Union[ExampleBatch, _Mapping]] = ..., end: _Optional[_Union[UploadEnd, _Mapping]] = ...) -> None: ...
 
 class AddExamplesResponse(_message.Message):
     __slots__ = ("task", "added", "train", "validation", "test", "total_examples")
