@@ -37,6 +37,8 @@ class Config:
     # pixels per image, read from the file's header before anything is decoded (a 700-byte WebP can
     # claim 4096x4096); images decode in a pool of this many threads, off the event loop
     max_image_pixels: int = 4096 * 4096
+    max_npz_bytes: int = 1 << 30  # what an .npz may unpack to (declared sizes, checked before inflating)
+    max_http_body_bytes: int = 256 << 20  # larger HTTP bodies get 413 before they are read
     decode_threads: int = 2
     import_dir: Path | None = None  # .npz files RegisterTask may name; default <home>/imports
     # the root new tasks grow from: mobilenet_v2_imagenet, vit_tiny or an imported one (`munet roots

@@ -255,3 +255,73 @@ def test_a_client_that_cancels_mid_upload_leaves_no_trace(server):
     time.sleep(1.0)
     assert "cancelled" not in {t.name for t in app.store.list_tasks()}
     assert client.health() == "SERVING"
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_bad_npz_files_are_invalid_arguments_not_internal_errors(server):
+    import zipfile
+
+    from munet.errors import InvalidArgument
+
+    app, _ = server
+    read = app.core.read_npz
+    pickled = _npz(x=np.array([object()] * 3, dtype=object), y=np.zeros(3, np.int64))
+    for bad, why in ((b"not a zip", "readable"), (pickled, "plain arrays"), (_npz(x=np.zeros((2, 8, 8))), "'y'")):
+        with pytest.raises(InvalidArgument, match=why):
+            read(bad)
+    bomb = io.BytesIO()  # a small file that declares a huge member
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("x.npy", b"\0" * (3 << 20))
+    assert len(bomb.getvalue()) < 100_000
+    with pytest.raises(InvalidArgument, match="max_npz_bytes"):
+        read(bomb.getvalue(), max_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("name", ["a\0b.npz", "x" * 300 + ".npz", "../secret.npz", "/etc/passwd", "sub/dir.npz",
+                                  "outside.npz"])
+def test_npz_names_never_reach_outside_the_import_directory(server, tmp_path, name):
+    app, client = server
+    (tmp_path / "secret.npz").write_bytes(_npz(x=np.zeros((20, 8, 8), np.uint8), y=np.arange(20) % 2))
+    imports = app.config.imports
+    imports.mkdir(parents=True, exist_ok=True)
+    link = imports / "outside.npz"
+    if not link.exists():
+        link.symlink_to(tmp_path / "secret.npz")  # a symlink inside that points out
+    with pytest.raises(MunetClientError) as e:
+        client.register_task("sneaky", npz_file=name)
+    assert e.value.code == "INVALID_ARGUMENT", e.value
+    assert "sneaky" not in {t.name for t in app.store.list_tasks()}
+
+
+def test_http_arrays_with_nan_or_fractions_are_refused():
+    from munet.errors import InvalidArgument
+    from munet.service.http import _images
+
+    with pytest.raises(InvalidArgument, match="NaN"):
+        _images(None, [[[float("nan"), 1.0], [2.0, 3.0]]])
+    with pytest.raises(InvalidArgument, match="fractional"):
+        _images(None, [[[0.5, 0.25], [0.0, 1.0]]])
+    assert len(_images(None, [[[0.0, 1.0], [2.0, 255.0]]])) == 1
+
+
+def test_an_oversized_http_body_gets_413_before_it_is_read():
+    import asyncio
+
+    from munet.service.http import BodyLimitMiddleware
+
+    sent, reached = [], []
+
+    async def app(scope, receive, send):
+        reached.append(1)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "headers": [(b"content-length", b"201000000")]}
+    asyncio.run(BodyLimitMiddleware(app, 1000)(scope, None, send))
+    assert sent[0]["status"] == 413 and not reached

@@ -13,6 +13,7 @@ import ctypes
 import gc
 import io
 import logging
+import re
 import threading
 import time
 import zipfile
@@ -38,6 +39,7 @@ from munet.service.runtime import Runtime, ServedPath
 log = logging.getLogger(__name__)
 
 UNSPECIFIED = -1  # an example whose split the server assigns
+NPZ_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,195}\.npz")
 
 
 @dataclass
@@ -342,7 +344,8 @@ class Core:
                 raise InvalidArgument(f"{spec.builtin} has {len(ds.labels)} classes, {len(labels)} labels given")
             labels = labels or list(ds.labels)
         elif spec.npz_file:
-            ex, names = self.read_npz(self._import_path(spec.npz_file).read_bytes(), spec.npz_file, size)
+            ex, names = self.read_npz(self._import_path(spec.npz_file).read_bytes(), spec.npz_file, size,
+                                      self.config.max_npz_bytes)
             parts.insert(0, ex)
             labels = labels or names
         elif not labels and parts:
@@ -350,26 +353,43 @@ class Core:
         return Examples.concat(parts, size), labels
 
     def _import_path(self, name: str) -> Path:
+        # the client names a file, never a path: nothing outside the import directory is readable
+        # (a symlink inside it that points out is refused too: the resolved path is checked)
+        if not NPZ_NAME.fullmatch(name or ""):
+            raise InvalidArgument(f"npz_file {name[:80]!r} must be a plain file name ending in .npz: letters, "
+                                  "digits, '.', '_' or '-', at most 200 characters, no directories")
         base = self.config.imports.resolve()
         path = (base / name).resolve()
-        # the client names a file, never a path: nothing outside the import directory is readable
-        if base not in path.parents or not name.endswith(".npz"):
+        if base not in path.parents:
             raise InvalidArgument(f"npz_file {name!r} must name an .npz file inside the import directory")
         if not path.is_file():
             raise NotFound(f"no file {name!r} in the import directory {base}")
         return path
 
     @staticmethod
-    def read_npz(data: bytes, what: str = "upload", size: int = imglib.SIZE) -> tuple[Examples, list[str]]:
-        """An .npz with `x` (N,H,W[,C]) images, `y` (N,) labels, optional `label_names` and `split`."""
+    def read_npz(data: bytes, what: str = "upload", size: int = imglib.SIZE,
+                 max_bytes: int = 1 << 30) -> tuple[Examples, list[str]]:
+        """An .npz with `x` (N,H,W[,C]) images, `y` (N,) labels, optional `label_names` and `split`.
+
+        Read without pickle (object arrays are refused); its members' declared sizes are checked
+        before anything is inflated, so a small file that unpacks to gigabytes is refused."""
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                inflated = sum(i.file_size for i in zf.infolist())
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise InvalidArgument(f"{what} is not a readable .npz file: {e}") from None
+        if inflated > max_bytes:
+            raise InvalidArgument(f"{what} unpacks to {inflated} bytes; the limit (max_npz_bytes) is {max_bytes}")
         try:
             z = np.load(io.BytesIO(data), allow_pickle=False)
             files = set(z.files)
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-            raise InvalidArgument(f"{what} is not a readable .npz file: {e}") from None
-        if not {"x", "y"} <= files:
-            raise InvalidArgument(f"{what} must hold arrays 'x' (images) and 'y' (labels); it has {sorted(files)}")
-        x, y = z["x"], z["y"]
+            if not {"x", "y"} <= files:
+                raise InvalidArgument(f"{what} must hold arrays 'x' (images) and 'y' (labels); it has {sorted(files)}")
+            x, y = z["x"], z["y"]
+            extra = {k: z[k] for k in ("split", "label_names") if k in files}
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
+            # pickled object arrays land here: allow_pickle=False refuses them
+            raise InvalidArgument(f"{what} is not a readable .npz file of plain arrays: {e}") from None
         if x.ndim not in (3, 4) or len(x) != len(y) or y.ndim != 1:
             raise InvalidArgument(f"{what}: x must be (N,H,W) or (N,H,W,C) and y (N,); got {x.shape} and {y.shape}")
         if not np.issubdtype(y.dtype, np.integer):
@@ -379,12 +399,12 @@ class Core:
         except imglib.InvalidImage as e:
             raise InvalidArgument(f"{what}: {e}") from None
         split = np.full(len(y), UNSPECIFIED, np.int8)
-        if "split" in files:
-            s = z["split"]
+        if "split" in extra:
+            s = extra["split"]
             if s.shape != y.shape or not np.isin(s, [0, 1, 2]).all():
                 raise InvalidArgument(f"{what}: split must be (N,) of 0 (train), 1 (validation), 2 (test)")
             split = s.astype(np.int8)
-        names = [str(n) for n in z["label_names"]] if "label_names" in files else []
+        names = [str(n) for n in extra["label_names"]] if "label_names" in extra else []
         return Examples(xs, y.astype(np.int64), split), names
 
     def add_examples(self, task: str, examples: Examples) -> dict[str, int]:

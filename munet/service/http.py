@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import time
 from http import HTTPStatus
@@ -49,8 +50,13 @@ def _images(images: list[str] | None, arrays: list[Any] | None) -> list[ImageInp
             raise InvalidArgument(f"arrays[{i}] is not a rectangular array") from None
         if arr.ndim not in (2, 3) or arr.size == 0 or not np.issubdtype(arr.dtype, np.number):
             raise InvalidArgument(f"arrays[{i}] must be an (H, W) or (H, W, C) array of numbers")
+        if not np.isfinite(arr).all():
+            raise InvalidArgument(f"arrays[{i}] holds NaN or infinity")
         if arr.min() < 0 or arr.max() > 255:
             raise InvalidArgument(f"arrays[{i}] has values outside 0..255")
+        if np.issubdtype(arr.dtype, np.floating) and not np.array_equal(arr, np.round(arr)):
+            # 0.5 would silently become 0: pixels are 0..255 integers (scale [0, 1] floats first)
+            raise InvalidArgument(f"arrays[{i}] holds fractional values; pixels are integers in 0..255")
         arr = arr.astype(np.uint8)
         c = 1 if arr.ndim == 2 else arr.shape[2]
         out.append(ImageInput(raw=arr.tobytes(), height=arr.shape[0], width=arr.shape[1], channels=c))
@@ -141,7 +147,8 @@ class MunetService:
     def _register(self, spec: TaskSpec, file: Path | None) -> dict:
         uploaded = []
         if file is not None:
-            ex, names = self.core.read_npz(file.read_bytes(), "uploaded file", self.core.new_task_size(spec))
+            ex, names = self.core.read_npz(file.read_bytes(), "uploaded file", self.core.new_task_size(spec),
+                                           self.core.config.max_npz_bytes)
             uploaded.append(ex)
             spec.labels = spec.labels or names
         self.core.register_task(spec, uploaded)
@@ -152,7 +159,7 @@ class MunetService:
         """Add labelled examples from an uploaded .npz (x, y, optional split) to a live task."""
         def work() -> dict:
             ex, _ = self.core.read_npz(Path(file).read_bytes(), "uploaded file",
-                                       self.core.store.get_task(task).image_size)
+                                       self.core.store.get_task(task).image_size, self.core.config.max_npz_bytes)
             split = np.where(ex.split == UNSPECIFIED, UNSPECIFIED, ex.split).astype(np.int8)
             counts = self.core.add_examples(task, Examples(ex.x, ex.y, split))
             total = self.core.store.example_counts(task)
@@ -213,7 +220,43 @@ class RetryAfterMiddleware:
         await self.app(scope, receive, send_with_retry_after if scope.get("type") == "http" else send)
 
 
+class BodyLimitMiddleware:
+    """413 for a body over `limit` bytes: by its Content-Length before reading, or as it streams in."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers", []))
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await _refuse(send, 413, "INVALID_ARGUMENT", f"the request body has {int(declared)} bytes; the "
+                                 f"limit (max_http_body_bytes) is {self.limit}")
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise InvalidArgument(f"the request body passed the limit (max_http_body_bytes) of {self.limit} bytes")
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+async def _refuse(send, status: int, code: str, message: str) -> None:
+    body = json.dumps({"code": code, "message": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 MunetService.add_asgi_middleware(RetryAfterMiddleware)
+MunetService.add_asgi_middleware(BodyLimitMiddleware, limit=CONFIG.max_http_body_bytes)
 _TOKENS = Tokens.from_config(CONFIG)
 if _TOKENS.admin or _TOKENS.predict:
     # in front of every route, before a body is read: refused uploads cost nothing
