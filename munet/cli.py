@@ -145,6 +145,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         argv += ["--ssl-certfile", str(config.tls_cert), "--ssl-keyfile", str(config.tls_key)]
         if config.tls_client_ca:
             argv += ["--ssl-ca-certs", str(config.tls_client_ca), "--ssl-cert-reqs", "2"]  # 2: CERT_REQUIRED
+    for what, port in (("HTTP", config.http_port), ("gRPC", config.grpc_port)):
+        taken = _port_taken(config.host, port)
+        if taken:
+            raise CliError(f"the {what} port {config.host}:{port} is taken ({taken}); stop the other server or "
+                           f"choose another port (MUNET_{what.upper()}_PORT)")
+    # BentoML keeps its Prometheus multiprocess files under its home: a home of this server's own, so
+    # two servers on one host never mix (or wipe) each other's metrics
+    env["BENTOML_HOME"] = str((config.home / "bentoml").resolve())
     scheme = "https" if config.tls_cert else "http"
     access = ("protected: management needs the admin token" + (", predictions the predict token"
               if tokens.predict else "; predictions are open")) if tokens.protected else \
@@ -158,6 +166,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     os.execvpe(sys.executable, argv, env)
     return 0  # not reached: the process is now BentoML
+
+
+def _port_taken(host: str, port: int) -> str:
+    """Why `port` cannot be bound on `host` ("" when it can)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are not "taken"
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return ""
 
 
 BENCHES = {"quality": "quality", "serve": "serve", "prefix-cache": "prefix_cache"}

@@ -1,0 +1,127 @@
+"""The shipped process's life: two servers on one host keep their own metrics, kill -9 of the
+supervisor frees the ports, and a taken port is one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from munet.client import MunetClient
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class Server:
+    def __init__(self, home, http: int | None = None, grpc: int | None = None, **env):
+        self.home = home
+        self.http, self.grpc = http or _free_port(), grpc or _free_port()
+        self.env = {**os.environ, "MUNET_HOME": str(home), "MUNET_HTTP_PORT": str(self.http),
+                    "MUNET_GRPC_PORT": str(self.grpc), "MUNET_SCHEDULER_ENABLED": "0", "MUNET_DEMO_TASK": "0",
+                    "MUNET_ROOT": "vit_tiny", "BENTOML_DO_NOT_TRACK": "True", **env}
+        self.log = open(home / "serve.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "munet.cli", "serve"], env=self.env,
+                                     start_new_session=True, stdout=subprocess.DEVNULL, stderr=self.log)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc}"
+
+    def wait_up(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.home / "serve.log").read_text()[-3000:]
+            # a fresh channel each time: one that failed early backs off for longer and longer
+            with contextlib.suppress(Exception), MunetClient(self.target, timeout=2) as c:
+                if c.health() == "SERVING":
+                    return
+            time.sleep(0.5)
+        pytest.fail("server did not come up: " + (self.home / "serve.log").read_text()[-3000:])
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/metrics", timeout=30) as r:
+            return r.read().decode()
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def test_two_servers_keep_their_metrics_and_kill_9_of_a_supervisor_frees_its_ports(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = Server(tmp_path / "a"), Server(tmp_path / "b")
+    try:
+        a.wait_up()
+        b.wait_up()
+        with MunetClient(a.target) as ca, MunetClient(b.target) as cb:
+            ca.register_task("only-on-a", builtin="uci_digits", max_examples=200)
+            cb.register_task("only-on-b", builtin="uci_digits", max_examples=200)
+            ca.predict("only-on-a", [np.zeros((8, 8), np.uint8)])
+            cb.predict("only-on-b", [np.zeros((8, 8), np.uint8)])
+        ma, mb = a.metrics(), b.metrics()
+        assert 'task="only-on-a"' in ma and 'task="only-on-b"' not in ma
+        assert 'task="only-on-b"' in mb and 'task="only-on-a"' not in mb
+
+        # the supervisor dies without a chance to clean up; its worker must not live on as an orphan
+        os.kill(a.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (_bindable(a.http) and _bindable(a.grpc)):
+            time.sleep(0.5)
+        assert _bindable(a.http) and _bindable(a.grpc), "an orphaned worker still holds the ports"
+        with MunetClient(b.target) as cb:  # the other server never noticed
+            assert cb.predict("only-on-b", [np.zeros((8, 8), np.uint8)]).version == 1
+        # a restart on the same store serves what was acknowledged
+        a2 = Server(tmp_path / "a", http=a.http, grpc=a.grpc)
+        try:
+            a2.wait_up()
+            with MunetClient(a2.target) as c:
+                assert [t.name for t in c.list_tasks()] == ["only-on-a"]
+        finally:
+            a2.stop()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_taken_port_is_one_clear_line_and_a_non_zero_exit(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**os.environ, "MUNET_HOME": str(tmp_path), "MUNET_HTTP_PORT": str(port),
+               "MUNET_GRPC_PORT": str(_free_port()), "MUNET_DEMO_TASK": "0"}
+        r = subprocess.run([sys.executable, "-m", "munet.cli", "serve"], env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "is taken" in lines[0] and str(port) in lines[0], r.stderr
