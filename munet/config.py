@@ -40,6 +40,7 @@ class Config:
     max_npz_bytes: int = 1 << 30  # what an .npz may unpack to (declared sizes, checked before inflating)
     max_http_body_bytes: int = 256 << 20  # larger HTTP bodies get 413 before they are read
     decode_threads: int = 2
+    access_log: bool = True  # one log line per gRPC call: method, task, status, latency, peer
     import_dir: Path | None = None  # .npz files RegisterTask may name; default <home>/imports
     # the root new tasks grow from: mobilenet_v2_imagenet, vit_tiny or an imported one (`munet roots
     # list`); "" = the store's first root, or mobilenet_v2_imagenet on a new store

@@ -325,3 +325,17 @@ def test_an_oversized_http_body_gets_413_before_it_is_read():
     scope = {"type": "http", "headers": [(b"content-length", b"201000000")]}
     asyncio.run(BodyLimitMiddleware(app, 1000)(scope, None, send))
     assert sent[0]["status"] == 413 and not reached
+
+
+def test_every_grpc_call_leaves_one_access_line(server, caplog):
+    import logging
+
+    _, client = server
+    with caplog.at_level(logging.INFO, logger="munet.access"):
+        with pytest.raises(MunetClientError):
+            client.predict("no-such-task", [np.zeros((8, 8), np.uint8)])
+        client.predict("digits", [np.zeros((8, 8), np.uint8)])
+    lines = [r.getMessage() for r in caplog.records if r.name == "munet.access"]
+    assert any("Predict task=no-such-task NOT_FOUND" in m for m in lines), lines
+    assert any("Predict task=digits OK" in m for m in lines), lines
+    assert not any(r.exc_info for r in caplog.records)  # a client's error is a line, not a traceback
