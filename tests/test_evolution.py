@@ -221,3 +221,23 @@ def test_a_rollback_during_a_generation_is_not_undone(make_app):
     assert app.core.runtime.get("steady").version == 1
     pending = app.store.get_path("steady", report.candidates[0].version)
     assert pending.status == "candidate" and "rollback" in pending.lineage["note"]
+
+
+def test_retired_versions_and_deleted_tasks_leave_the_metrics(make_app):
+    from prometheus_client import REGISTRY
+
+    def path_modules(task, version):
+        return [s for m in REGISTRY.collect() if m.name == "munet_path_module" for s in m.samples
+                if s.labels.get("task") == task and s.labels.get("version") == str(version)]
+
+    app = make_app()
+    register_digits(app, "watched", seed=4)
+    assert path_modules("watched", 1) and all(s.value == 1 for s in path_modules("watched", 1))
+    _force_promotion(app, "watched")
+    report = app.evolution.evolver.run_generation("watched", n_candidates=1)
+    assert report.promoted
+    assert not path_modules("watched", 1)  # the retired version's series are gone
+    assert path_modules("watched", report.promoted_version)
+    app.core.delete_task("watched")
+    assert not path_modules("watched", report.promoted_version)
+    assert REGISTRY.get_sample_value("munet_path_version", {"task": "watched"}) is None

@@ -430,9 +430,12 @@ class Core:
 
     def delete_task(self, task: str) -> None:
         self.store.get_task(task)
+        old = self.runtime.get(task)
         self.runtime.remove(task)
         self.store.delete_task(task)
-        metrics.PATH_VERSION.remove(task) if _has_label(metrics.PATH_VERSION, task) else None
+        if old is not None:
+            _retire_series(old)
+            _drop(metrics.PATH_VERSION, task)
         self.store.garbage_collect(protected=self.protected_modules())
         self._update_session_metrics()
 
@@ -454,7 +457,9 @@ class Core:
         if check_parity:
             self.check_parity(served)
         self.store.set_current(served.task, served.version, expect)
-        self.runtime.swap(served)
+        old = self.runtime.swap(served)
+        if old is not None and old.version != served.version:
+            _retire_series(old)
         metrics.PATH_VERSION.labels(served.task).set(served.version)
         for i, m in enumerate(served.module_ids):
             metrics.PATH_MODULE.labels(served.task, str(served.version), str(i), m).set(1)
@@ -474,6 +479,9 @@ class Core:
     def _update_session_metrics(self) -> None:
         loaded = self.runtime.pool.loaded()
         metrics.SESSIONS.set(len(loaded))
+        for labels in list(getattr(metrics.MODULE_INFO, "_metrics", {})):
+            if labels[0] not in loaded:  # a released session's series
+                _drop(metrics.MODULE_INFO, *labels)
         for m in loaded:
             try:
                 rec = self.store.module_record(m)
@@ -573,11 +581,18 @@ def top_k_predictions(logits: np.ndarray, labels: tuple[str, ...] | list[str], k
     return [Prediction([(labels[j], int(j), float(p[i, j])) for j in order[i]]) for i in range(len(p))]
 
 
-def _has_label(gauge, task: str) -> bool:
-    try:
-        return (task,) in gauge._metrics
-    except AttributeError:
-        return False
+def _drop(gauge, *labels: str) -> None:
+    """Remove a series. Under BentoML's multiprocess collector a removed child's last value stays in
+    this process's file until the process ends, so it is set to 0 first: a retired version or a
+    deleted task never keeps reporting 1."""
+    with contextlib.suppress(KeyError, ValueError):
+        gauge.labels(*labels).set(0)
+        gauge.remove(*labels)
+
+
+def _retire_series(path: ServedPath) -> None:
+    for i, m in enumerate(path.module_ids):
+        _drop(metrics.PATH_MODULE, path.task, str(path.version), str(i), m)
 
 
 __all__ = [
