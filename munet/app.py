@@ -14,7 +14,7 @@ from munet.config import Config
 from munet.errors import MunetError
 from munet.evolution.engine import InitialPaths
 from munet.evolution.scheduler import Evolution
-from munet.models.roots import ensure_root, resolve_root
+from munet.models.roots import all_root_modules, ensure_root, resolve_root
 from munet.models.store import Store
 from munet.service.core import Core, TaskSpec
 
@@ -51,8 +51,16 @@ class App:
         return cls(config, store, core, evolution)
 
     def start(self) -> None:
-        """Serve every stored task; on an empty store, register the demo task (unless turned off)."""
+        """Check and tidy the store after any crash, serve every stored task; on an empty store,
+        register the demo task (unless turned off)."""
+        check = self.store.integrity()
+        if check != "ok":
+            log.error("the store's database fails its integrity check: %s", check)
         self.core.restore()
+        removed = self.store.recover(self.config.gc_min_age_s)
+        gone = self.store.garbage_collect(protected=all_root_modules(self.store), min_age_s=self.config.gc_min_age_s)
+        if any(removed.values()) or gone:
+            log.warning("cleaned up after an earlier crash: %s, %d unreferenced modules", removed, len(gone))
         if self.config.demo_task and not self.store.list_tasks():
             log.info("empty store: registering the demo task %r from %s", DEMO_TASK, self.config.demo_builtin)
             try:

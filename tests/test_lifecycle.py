@@ -4,6 +4,7 @@ supervisor frees the ports, and a taken port is one clear line and a non-zero ex
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -125,3 +126,106 @@ def test_a_taken_port_is_one_clear_line_and_a_non_zero_exit(tmp_path):
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "is taken" in lines[0] and str(port) in lines[0], r.stderr
+
+
+def _kill_all(server: Server) -> None:
+    os.killpg(server.proc.pid, signal.SIGKILL)  # supervisor and worker at once: a power cut
+    server.proc.wait(30)
+    server.log.close()
+
+
+def _files(home, sub: str) -> set[str]:
+    return {str(p.relative_to(home)) for p in (home / sub).rglob("*") if p.is_file()}
+
+
+def test_kill_9_during_registration_and_evolution_loses_nothing_acknowledged(tmp_path):
+    import sqlite3
+    import threading
+
+    home = tmp_path / "s"
+    home.mkdir()
+    s = Server(home, MUNET_GC_MIN_AGE_S="0")
+    s.wait_up()
+    with MunetClient(s.target, long_timeout=120) as c:
+        c.register_task("kept", builtin="uci_digits", max_examples=300)
+        before = c.predict("kept", [np.zeros((8, 8), np.uint8)])
+        c.add_examples("kept", np.zeros((4, 8, 8), np.uint8), [1, 2, 3, 4])
+        acknowledged = c.get_task("kept")
+    # 1. killed while a registration streams and trains
+    def register_unfinished() -> None:
+        with contextlib.suppress(Exception), MunetClient(s.target, long_timeout=60) as c:
+            c.register_task("unfinished", builtin="animal_shapes", max_examples=5000)
+
+    worker = threading.Thread(target=register_unfinished, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (home / "tasks" / "unfinished").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    _kill_all(s)
+    worker.join(5)
+
+    # 2. restart, then killed in the middle of a generation (training, maybe storing or promoting)
+    s = Server(home, http=s.http, grpc=s.grpc, MUNET_GC_MIN_AGE_S="0")
+    s.wait_up()
+    with MunetClient(s.target) as c:
+        assert [t.name for t in c.list_tasks()] == ["kept"]  # the unacknowledged registration is gone
+        c.trigger_evolution("kept", candidates=6, budget_seconds=30.0)
+    time.sleep(4.0)
+    _kill_all(s)
+
+    with sqlite3.connect(home / "munet.db") as db:
+        pointer = db.execute("SELECT current_version FROM tasks WHERE name='kept'").fetchone()[0]
+    s = Server(home, http=s.http, grpc=s.grpc, MUNET_GC_MIN_AGE_S="0")
+    try:
+        s.wait_up()
+        with sqlite3.connect(home / "munet.db") as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            referenced = set()
+            for (mods,) in db.execute("SELECT modules FROM path_versions"):
+                referenced.update(json.loads(mods))
+            rows = {r[0] for r in db.execute("SELECT id FROM modules")}
+            example_files = {r[0] for r in db.execute("SELECT file FROM example_batches")}
+        with MunetClient(s.target) as c:
+            t = c.get_task("kept")
+            assert [x.name for x in c.list_tasks()] == ["kept"]
+            assert t.current_version == pointer  # the last promoted version serves, whatever the crash hit
+            total = t.train_examples + t.validation_examples + t.test_examples
+            assert total == acknowledged.train_examples + acknowledged.validation_examples + acknowledged.test_examples
+            if t.current_version == before.version:
+                assert c.predict("kept", [np.zeros((8, 8), np.uint8)]).predictions == before.predictions
+        # nothing half-written is left: every module folder has its row, every example file its batch
+        assert {p.split("/")[1] for p in _files(home, "modules")} <= rows
+        assert _files(home, "tasks") == example_files
+        assert not list(home.rglob(".*.tmp"))
+        assert not (home / "tasks" / "unfinished").exists()
+        assert referenced <= rows
+    finally:
+        s.stop()
+
+
+def test_sigterm_stops_gracefully_even_during_a_generation(tmp_path):
+    s = Server(tmp_path)
+    s.wait_up()
+    with MunetClient(s.target) as c:
+        c.register_task("busy", builtin="uci_digits", max_examples=300)
+        c.trigger_evolution("busy", candidates=8, budget_seconds=60.0)  # minutes of work, abandoned
+        assert c.evolution_status().running or c.evolution_status().candidates_total
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    os.kill(s.proc.pid, signal.SIGTERM)
+    s.proc.wait(60)
+    stopped_in = time.monotonic() - t0
+    assert stopped_in < 30, stopped_in  # the running generation did not hold the shutdown
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (_bindable(s.http) and _bindable(s.grpc)):
+        time.sleep(0.2)
+    assert _bindable(s.http) and _bindable(s.grpc)
+    s.log.close()
+    again = Server(tmp_path, http=s.http, grpc=s.grpc)
+    try:
+        again.wait_up()
+        with MunetClient(again.target) as c:
+            assert c.get_task("busy").current_version >= 1
+    finally:
+        again.stop()

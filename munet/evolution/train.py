@@ -71,6 +71,9 @@ class FrozenRunner:
             so.intra_op_num_threads = self.threads
             so.inter_op_num_threads = 1
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            # no arena: these sessions run whole data sets in large batches once and then sit idle; an
+            # arena would keep each one's peak (hundreds of MB for early MobileNetV2 blocks) for good
+            so.enable_cpu_mem_arena = False
             so.log_severity_level = 3
             try:
                 s = ort.InferenceSession(ensure_onnx(self.store, module_id), so, providers=["CPUExecutionProvider"])
@@ -83,7 +86,7 @@ class FrozenRunner:
             self._sessions[module_id] = s
         return s
 
-    def run(self, module_ids: list[str], x_u8: np.ndarray, batch: int = 128, dtype: torch.dtype = torch.float32,
+    def run(self, module_ids: list[str], x_u8: np.ndarray, batch: int = 64, dtype: torch.dtype = torch.float32,
             reduce=None) -> torch.Tensor:
         sessions = [self.session(m) for m in module_ids]
         outs = []

@@ -545,6 +545,49 @@ class Store:
                                [(task, v) for v in drop])
         return drop
 
+    def integrity(self) -> str:
+        """SQLite's own check of the database file: "ok", or what is wrong."""
+        rows = self._query("PRAGMA integrity_check")
+        return "; ".join(r[0] for r in rows)
+
+    def recover(self, min_age_s: float = 600.0) -> dict[str, int]:
+        """After a crash: remove files no committed row refers to. Rows are always written after their
+        files, so a crash leaves at worst files without rows: temp files of interrupted writes, module
+        folders of unpromoted candidates, example files of uploads never committed, folders of tasks
+        never registered. Files younger than `min_age_s` are spared (another process sharing the
+        store may be writing them right now)."""
+        cutoff = time.time() - min_age_s
+        removed = {"temp_files": 0, "module_dirs": 0, "example_files": 0, "task_dirs": 0}
+
+        def old(p: Path) -> bool:
+            try:
+                return p.stat().st_mtime <= cutoff
+            except FileNotFoundError:
+                return False
+
+        for p in self.home.rglob(".*.tmp"):
+            if old(p):
+                p.unlink(missing_ok=True)
+                removed["temp_files"] += 1
+        modules = {r["id"] for r in self._query("SELECT id FROM modules")}
+        for d in (self.home / "modules").iterdir():
+            if d.is_dir() and d.name not in modules and old(d):
+                shutil.rmtree(d, ignore_errors=True)
+                removed["module_dirs"] += 1
+        tasks = {r["name"] for r in self._query("SELECT name FROM tasks")}
+        files = {r["file"] for r in self._query("SELECT file FROM example_batches")}
+        for d in (self.home / "tasks").iterdir():
+            if d.name not in tasks:
+                if old(d):
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed["task_dirs"] += 1
+                continue
+            for f in (d / "examples").glob("*.npz"):
+                if str(f.relative_to(self.home)) not in files and old(f):
+                    f.unlink(missing_ok=True)
+                    removed["example_files"] += 1
+        return removed
+
     def garbage_collect(self, protected: set[str], min_age_s: float = 600.0) -> list[str]:
         """Remove modules no stored path version uses (and not protected, e.g. the root's).
 
