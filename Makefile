@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 APT_PACKAGES := dataset-fashion-mnist fonts-noto-color-emoji unicode-data openssl
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 
-.PHONY: setup run test lint protos pretrain bench-quality bench-serve bench-prefix-cache clean-store bento
+.PHONY: setup run test lint protos pretrain bench-quality bench-serve bench-prefix-cache bench-fuzz clean-store bento
 
 setup: $(STAMP) apt-data
 
@@ -54,6 +54,9 @@ bench-serve: setup
 
 bench-prefix-cache: setup
 	$(VENV)/bin/munet bench prefix-cache
+
+bench-fuzz: setup
+	$(VENV)/bin/munet bench fuzz
 
 clean-store:
 	rm -rf .munet
