@@ -182,7 +182,7 @@ def _port_taken(host: str, port: int) -> str:
     return ""
 
 
-BENCHES = {"quality": "quality", "serve": "serve", "prefix-cache": "prefix_cache", "fuzz": "fuzz"}
+BENCHES = {"quality": "quality", "serve": "serve", "prefix-cache": "prefix_cache", "fuzz": "fuzz", "flood": "flood"}
 
 
 def _delegate(module: str, what: str, argv: list[str]) -> int:
