@@ -229,3 +229,69 @@ def test_sigterm_stops_gracefully_even_during_a_generation(tmp_path):
             assert c.get_task("busy").current_version >= 1
     finally:
         again.stop()
+
+
+def test_a_restart_never_removes_a_registration_another_process_is_running(make_app, tmp_path):
+    import socket as _socket
+
+    app = make_app(home=tmp_path / "shared", gc_min_age_s=600.0)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = {"host": _socket.gethostname(), "pid": sleeper.pid}
+        app.store.create_task("in-progress", ["a", "b"], {"kind": "upload", "owner": live})
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        app.store.create_task("crashed", ["a", "b"], {"kind": "upload", "owner": {**live, "pid": dead.pid}})
+        app.store.create_task("elsewhere", ["a", "b"], {"kind": "upload", "owner": {"host": "other", "pid": 1}})
+        app.core.restore()  # as a worker's restart does
+        names = {t.name for t in app.store.list_tasks()}
+        assert "in-progress" in names  # its registering process is alive
+        assert "crashed" not in names  # its process is gone: a crash's leftover
+        assert "elsewhere" in names  # another host, younger than gc_min_age_s
+    finally:
+        sleeper.kill()
+
+
+def test_every_worker_follows_what_another_registers_and_deletes(tmp_path):
+
+
+    s = Server(tmp_path, MUNET_HTTP_WORKERS="2")
+    try:
+        s.wait_up()
+        names = [f"via-http-{i}" for i in range(4)]  # spread over both workers by the shared socket
+        for name in names:
+            req = urllib.request.Request(f"http://127.0.0.1:{s.http}/register",
+                                         data=json.dumps({"name": name, "builtin": "uci_digits",
+                                                          "max_examples": 200}).encode(),
+                                         headers={"content-type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                assert r.status == 200
+        deadline = time.monotonic() + 15
+        with MunetClient(s.target) as c:  # gRPC lives in worker 1
+            served = set()
+            while time.monotonic() < deadline and served != set(names):
+                for name in set(names) - served:  # served, not just listed: loaded in worker 1
+                    with contextlib.suppress(Exception):
+                        if c.predict(name, [np.zeros((8, 8), np.uint8)]).version == 1:
+                            served.add(name)
+                time.sleep(0.5)
+            assert served == set(names)
+            for name in names:
+                req = urllib.request.Request(f"http://127.0.0.1:{s.http}/delete",
+                                             data=json.dumps({"name": name}).encode(),
+                                             headers={"content-type": "application/json"})
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    assert r.status == 200
+            deadline = time.monotonic() + 15
+            gone = set()
+            while time.monotonic() < deadline and gone != set(names):
+                for name in names:
+                    try:
+                        c.predict(name, [np.zeros((8, 8), np.uint8)])
+                    except Exception:  # noqa: BLE001 - NOT_FOUND once followed
+                        gone.add(name)
+                time.sleep(0.5)
+            assert gone == set(names)
+    finally:
+        s.stop()
+

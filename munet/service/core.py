@@ -13,13 +13,16 @@ import ctypes
 import gc
 import io
 import logging
+import os
 import re
+import socket
 import threading
 import time
 import zipfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -125,19 +128,38 @@ class Core:
 
     # ---- lifecycle --------------------------------------------------------------------------
 
-    def restore(self) -> list[str]:
-        """Load every task's current version, as stored; drop tasks a crash left half-registered."""
+    def restore(self, cleanup: bool = True) -> list[str]:
+        """Load every task's current version, as stored. With `cleanup`, drop tasks a crash left
+        half-registered, but never one whose registration still runs in another process."""
         served = []
         for t in self.store.list_tasks():
             if t.current_version is None:
-                log.warning("task %s was never finished registering (status %s); removing it", t.name, t.status)
-                self.store.delete_task(t.name)
+                if cleanup and not self.registration_alive(t):
+                    log.warning("task %s was never finished registering (status %s); removing it", t.name, t.status)
+                    self.store.delete_task(t.name)
                 continue
             rec = self.store.get_path(t.name, t.current_version)
             self._serve(self.runtime.prepare(rec, t.labels, t.image_size), check_parity=False)
             served.append(t.name)
         log.info("restored %d tasks: %s", len(served), ", ".join(served) or "-")
         return served
+
+    def registration_alive(self, t: TaskRecord) -> bool:
+        """Whether the process registering `t` may still be at work: on this host, its pid is alive (and
+        is not this freshly started process); elsewhere, the registration is younger than gc_min_age_s."""
+        owner = t.source.get("owner") or {}
+        if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+            if owner["pid"] == os.getpid():
+                return False  # a crashed process of ours had this pid; this one registers nothing yet
+            try:
+                os.kill(owner["pid"], 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+            return True
+        created = datetime.fromisoformat(t.created_at)
+        return (datetime.now(UTC) - created).total_seconds() < self.config.gc_min_age_s
 
     def sync_from_store(self) -> None:
         """Follow pointers another process flipped (secondary HTTP workers): load new versions, drop gone tasks."""
@@ -303,7 +325,9 @@ class Core:
             self._registering.add(spec.name)
         try:
             source = {"kind": "builtin" if spec.builtin else "npz" if spec.npz_file else "upload",
-                      "name": sources[0] if sources else None, "seed": spec.seed}
+                      "name": sources[0] if sources else None, "seed": spec.seed,
+                      # who registers it: another worker restarting must not take it for a crash's leftover
+                      "owner": {"host": socket.gethostname(), "pid": os.getpid()}}
             ensure_root(self.store, root)
             self.store.create_task(spec.name, labels, source, root=root, image_size=size)
             try:

@@ -110,8 +110,10 @@ class MunetService:
             await self.app.start_grpc()
             self.app.start_scheduler()
         else:
-            await asyncio.to_thread(self.core.restore)
-            self._follow = asyncio.get_running_loop().create_task(self._follow_store())
+            # a follower never cleans up: what looks unfinished may be another worker's registration
+            await asyncio.to_thread(self.core.restore, False)
+        # every worker, gRPC's included, follows what the others register, delete and promote
+        self._follow = asyncio.get_running_loop().create_task(self._follow_store())
 
     async def _follow_store(self) -> None:
         while True:
