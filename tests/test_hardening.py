@@ -339,3 +339,29 @@ def test_every_grpc_call_leaves_one_access_line(server, caplog):
     assert any("Predict task=no-such-task NOT_FOUND" in m for m in lines), lines
     assert any("Predict task=digits OK" in m for m in lines), lines
     assert not any(r.exc_info for r in caplog.records)  # a client's error is a line, not a traceback
+
+
+def test_http_client_errors_are_logged_as_one_line():
+    import logging
+
+    from bentoml.exceptions import BentoMLException
+
+    from munet.service.http import ClientErrorsAsOneLine
+
+    def record(status: int) -> logging.LogRecord:
+        from http import HTTPStatus
+
+        try:
+            raise BentoMLException("NOT_FOUND: task 'x' does not exist", error_code=HTTPStatus(status))
+        except BentoMLException:
+            import sys
+
+            return logging.LogRecord("bentoml._internal.server.http_app", logging.ERROR, __file__, 1,
+                                     "Exception on %s [%s]", ("/task", "POST"), sys.exc_info())
+
+    f = ClientErrorsAsOneLine()
+    r = record(404)
+    assert f.filter(r) and r.exc_info is None and r.levelno == logging.INFO
+    assert r.getMessage() == "client error (404) on /task [POST]: NOT_FOUND: task 'x' does not exist"
+    r = record(500)
+    assert f.filter(r) and r.exc_info is not None and r.levelno == logging.ERROR  # server faults keep theirs

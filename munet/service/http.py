@@ -287,6 +287,21 @@ async def _refuse(send, status: int, code: str, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class ClientErrorsAsOneLine(logging.Filter):
+    """BentoML logs every exception raised by an API, 4xx included, as an ERROR with a traceback; a
+    client's mistake is one INFO line (the access log has its status too)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        status = getattr(getattr(exc, "error_code", None), "value", 500)
+        if isinstance(exc, BentoMLException) and status < 500:
+            record.msg, record.args = f"client error ({status}) on %s [%s]: %s", (*record.args[:2], exc)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorsAsOneLine())
 MunetService.add_asgi_middleware(RetryAfterMiddleware)
 MunetService.add_asgi_middleware(BodyLimitMiddleware, limit=CONFIG.max_http_body_bytes)
 _TOKENS = Tokens.from_config(CONFIG)
