@@ -14,6 +14,7 @@ compared in constant time (`hmac.compare_digest`).
 from __future__ import annotations
 
 import hmac
+import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -91,6 +92,15 @@ class Tokens:
             raise PermissionDenied("the bearer token is not valid for this call")
 
 
+async def send_error(send, status: int, code: str, message: str, headers: list | None = None) -> None:
+    """An ASGI JSON error answer, {"code": ..., "message": ...}, sent before the app runs."""
+    body = json.dumps({"code": code, "message": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class HTTPAuthMiddleware:
     """ASGI middleware in front of the BentoML app: refuses a request before its body is read."""
 
@@ -104,20 +114,14 @@ class HTTPAuthMiddleware:
             try:
                 self.tokens.check(headers.get("authorization"), http_need(scope.get("path", "")))
             except (Unauthenticated, PermissionDenied) as e:
-                import json
-
                 # read (and drop) what the client is still sending: closing on a client mid-upload
                 # makes it see a broken pipe instead of this answer
                 more = True
                 while more:
                     message = await receive()
                     more = message.get("type") == "http.request" and message.get("more_body", False)
-                body = json.dumps({"code": e.code, "message": e.message}).encode()
                 extra = [(b"www-authenticate", b"Bearer")] if isinstance(e, Unauthenticated) else []
-                await send({"type": "http.response.start", "status": e.http_status,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode()), *extra]})
-                await send({"type": "http.response.body", "body": body})
+                await send_error(send, e.http_status, e.code, e.message, extra)
                 return
         await self.app(scope, receive, send)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 import time
 from http import HTTPStatus
@@ -26,7 +25,7 @@ from munet import metrics
 from munet.app import App, setup_logging
 from munet.config import Config
 from munet.errors import InvalidArgument, MunetError
-from munet.service.auth import HTTPAuthMiddleware, Tokens
+from munet.service.auth import HTTPAuthMiddleware, Tokens, send_error
 from munet.service.core import UNSPECIFIED, Examples, ImageInput, TaskSpec
 
 log = logging.getLogger("munet.http")
@@ -265,7 +264,7 @@ class BodyLimitMiddleware:
         headers = dict(scope.get("headers", []))
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            return await _refuse(send, 413, "INVALID_ARGUMENT", f"the request body has {int(declared)} bytes; the "
+            return await send_error(send, 413, "INVALID_ARGUMENT", f"the request body has {int(declared)} bytes; the "
                                  f"limit (max_http_body_bytes) is {self.limit}")
         seen = 0
 
@@ -278,13 +277,6 @@ class BodyLimitMiddleware:
             return message
 
         return await self.app(scope, counted, send)
-
-
-async def _refuse(send, status: int, code: str, message: str) -> None:
-    body = json.dumps({"code": code, "message": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 class ClientErrorsAsOneLine(logging.Filter):
