@@ -67,6 +67,10 @@ class Config:
     keep_versions: int = 10
     pause_queue_depth: int = 32  # evolution pauses while this many images wait to be served
     training_threads: int = 1
+    # generations train in a separate process at a lower CPU priority (niceness +evolution_nice), so
+    # training, ONNX export and parity checks never hold the serving process's GIL or preempt it
+    evolution_process: bool = True
+    evolution_nice: int = 10
     evolution_max_train: int = 6000  # examples per generation (a seeded subset of larger tasks)
     evolution_max_validation: int = 2000
     gc_min_age_s: float = 600.0  # never collect a module younger than this (a registration may hold it)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -64,11 +66,16 @@ def test_each_call_class_needs_its_token(protected):
             assert [t.name for t in reader.list_tasks()] == ["digits"]  # nothing was deleted
 
 
-def test_tls_with_a_fresh_certificate(tmp_path):
+def _certificate(tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
                     str(cert), "-days", "1", "-subj", "/CN=localhost",
                     "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls_with_a_fresh_certificate(tmp_path):
+    cert, key = _certificate(tmp_path)
     app, loop, port = _serve(tmp_path / "home", tls_cert=cert, tls_key=key)
     try:
         with MunetClient(f"localhost:{port}", tls_ca=cert) as c:
@@ -105,3 +112,45 @@ def test_http_middleware_refuses_before_the_app_runs():
     assert call("/delete") == 401 and call("/delete", "Bearer x") == 403 and not reached
     assert call("/delete", f"Bearer {ADMIN}") == 200 and reached == ["/delete"]
     assert call("/predict") == 200 and call("/metrics") == 200 and call("/livez") == 200
+
+
+def test_the_shipped_server_serves_https_and_grpc_over_tls(tmp_path):
+    """`munet serve` with MUNET_TLS_CERT/KEY: HTTPS and gRPC with TLS answer with the certificate; a
+    plaintext client on either port gets nothing."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from tests.test_lifecycle import Server
+
+    cert, key = _certificate(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    s = Server(home, MUNET_TLS_CERT=str(cert), MUNET_TLS_KEY=str(key), MUNET_ADMIN_TOKEN=ADMIN)
+    try:
+        ctx = ssl.create_default_context(cafile=str(cert))
+        deadline = time.monotonic() + 180
+        while True:
+            assert s.proc.poll() is None, (home / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"https://localhost:{s.http}/readyz", context=ctx, timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        with MunetClient(f"localhost:{s.grpc}", tls_ca=cert, token=ADMIN, timeout=120) as c:
+            c.register_task("digits", builtin="uci_digits", max_examples=200)
+        body = json.dumps({"task": "digits", "arrays": [np.zeros((8, 8), np.uint8).tolist()]}).encode()
+        req = urllib.request.Request(f"https://localhost:{s.http}/predict", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
+            out = json.loads(r.read())
+        assert out["task"] == "digits" and out["path_version"] == 1 and len(out["predictions"]) == 1
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext HTTP to the TLS port
+            urllib.request.urlopen(f"http://localhost:{s.http}/readyz", timeout=5)
+        with MunetClient(f"localhost:{s.grpc}", timeout=3) as plain:
+            assert _code(lambda: plain.list_tasks()) == "UNAVAILABLE"
+    finally:
+        s.stop()

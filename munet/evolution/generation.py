@@ -57,6 +57,7 @@ class GenerationReport:
     best_score: float = 0.0
     promoted: bool = False
     promoted_version: int = 0
+    outcome: str = ""  # promotion: "promoted", "failed", "superseded" ("" when nothing beat the incumbent)
     error: str = ""
     seconds: float = 0.0
 
@@ -70,6 +71,22 @@ class GenerationReport:
                 "best_score": self.best_score, "incumbent_score": self.incumbent_score,
                 "promoted": self.promoted, "promoted_version": self.promoted_version, "error": self.error,
                 "started_at": self.started_at, "seconds": round(self.seconds, 2)}
+
+
+class Stopped(Exception):
+    """Raised inside training when the server shuts down."""
+
+
+def record_metrics(report: GenerationReport) -> None:
+    """Prometheus series for a finished generation, in the serving process (wherever it trained)."""
+    for c in report.candidates:
+        metrics.CANDIDATES.labels(report.task).inc()
+        metrics.CANDIDATE_SCORE.labels(report.task).observe(c.score)
+        metrics.TRAINING_SECONDS.labels(report.task).inc(c.seconds)
+    if report.candidates:
+        metrics.GENERATIONS.labels(report.task).inc()
+    if report.outcome:
+        metrics.PROMOTIONS.labels(report.task, report.outcome).inc()
 
 
 class Evolver:
@@ -211,9 +228,6 @@ class Evolver:
             rep.survived = parent_score is None or rep.score > parent_score
             report.candidates.append(rep)
             trained.append((cand, rep))
-            metrics.CANDIDATES.labels(task).inc()
-            metrics.CANDIDATE_SCORE.labels(task).observe(rep.score)
-            metrics.TRAINING_SECONDS.labels(task).inc(rep.seconds)
             log.info("%s gen %d cand %d/%d: parent %s v%s, %s -> val %.4f score %.4f (%.1f s, %d steps, %d cached)",
                      task, gen, i + 1, n_candidates, parent.task, parent.version, ",".join(cand.mutations) or "-",
                      rep.validation_accuracy, rep.score, rep.seconds, rep.steps, rep.cached_prefix)
@@ -221,7 +235,6 @@ class Evolver:
                 best = (rep.score, cand, rep)
             if progress:
                 progress(i + 1, n_candidates)
-        metrics.GENERATIONS.labels(task).inc()
         assert best is not None
         report.best_score = best[0]
         gone = self._superseded(task, expect)
@@ -229,7 +242,7 @@ class Evolver:
             # its examples, scores and parents belong to a task that no longer exists: keep nothing
             report.error = f"discarded: {gone}"
             log.warning("%s gen %d discarded: %s", task, gen, gone)
-            metrics.PROMOTIONS.labels(task, "superseded").inc()
+            report.outcome = "superseded"
             report.seconds = time.perf_counter() - t_start
             return report
         if best[0] > (incumbent.score or 0.0):
@@ -241,9 +254,9 @@ class Evolver:
             x_test, y_test = self.store.load_examples(task, TEST)
             rec.test_accuracy = self.path_accuracy(rec, TEST, x_test, y_test, (task, ev, "test", rec.version))
             self.store.update_path(task, rec.version, test_accuracy=rec.test_accuracy)
-            ok, err = promote(self.store, self.activate, rec, expect)
-            report.promoted, report.error = ok, err
-            report.promoted_version = rec.version if ok else 0
+            report.outcome, report.error = promote(self.store, self.activate, rec, expect)
+            report.promoted = report.outcome == "promoted"
+            report.promoted_version = rec.version if report.promoted else 0
         # children that beat their parent join the population (muNet's survival rule)
         for cand, rep in trained:
             if not rep.survived or rep.version is not None:

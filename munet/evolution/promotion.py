@@ -11,7 +11,6 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from munet import metrics
 from munet.errors import NotFound
 from munet.evolution.mutations import Candidate
 from munet.models.store import Expectation, PathRecord, Store, Superseded
@@ -34,11 +33,12 @@ def persist_candidate(store: Store, cand: Candidate, validation_accuracy: float,
 
 
 def promote(store: Store, activate: Callable[..., object], rec: PathRecord,
-            expect: Expectation | None = None) -> tuple[bool, str]:
+            expect: Expectation | None = None) -> tuple[str, str]:
     """Make `rec` the task's served version; on failure the incumbent keeps serving.
 
     With `expect`, the pointer flips only if the task is still at the version the generation started
     from (checked in the flip's transaction); otherwise `rec` stays an unpromoted candidate.
+    Returns (outcome, error): "promoted", "superseded" or "failed".
     """
     try:
         activate(rec, expect=expect)
@@ -46,15 +46,12 @@ def promote(store: Store, activate: Callable[..., object], rec: PathRecord,
         log.warning("%s v%d not promoted: %s", rec.task, rec.version, e.message)
         with contextlib.suppress(NotFound):
             store.set_path_status(rec.task, rec.version, "candidate", note=f"not promoted: {e.message}"[:500])
-        metrics.PROMOTIONS.labels(rec.task, "superseded").inc()
-        return False, f"not promoted: {e.message}"
+        return "superseded", f"not promoted: {e.message}"
     except Exception as e:  # noqa: BLE001 - export, parity or load: all mean "do not serve this"
         msg = f"{type(e).__name__}: {e}"
         log.error("promotion of %s v%d failed, keeping the current version: %s", rec.task, rec.version, msg)
         store.set_path_status(rec.task, rec.version, "failed", note=msg[:500])
-        metrics.PROMOTIONS.labels(rec.task, "failed").inc()
-        return False, msg
-    metrics.PROMOTIONS.labels(rec.task, "promoted").inc()
+        return "failed", msg
     log.info("promoted %s v%d (validation %.4f, score %.4f)", rec.task, rec.version,
              rec.validation_accuracy or 0.0, rec.score or 0.0)
-    return True, ""
+    return "promoted", ""

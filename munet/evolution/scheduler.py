@@ -1,9 +1,11 @@
 """The background job: APScheduler runs a generation every interval, one at a time, and on demand.
 
-Training runs in the scheduler's worker thread with `training_threads` torch threads (default 1 of
-the 2 cores), and pauses whenever the serving queue is deeper than `pause_queue_depth` images, so
-serving keeps its latency. A file lock in the data root makes sure that only one scheduler evolves
-a store, whatever the number of server processes or workers.
+Generations train in the evolution worker process (`evolution_process`, default on; see worker.py)
+with `training_threads` torch threads (default 1 of the 2 cores) at a lower CPU priority, and pause
+whenever the serving queue is deeper than `pause_queue_depth` images, so serving keeps its latency.
+With `evolution_process` off they run in the scheduler's thread of the server (tests, tools). A file
+lock in the data root makes sure that only one scheduler evolves a store, whatever the number of
+server processes or workers.
 """
 
 from __future__ import annotations
@@ -23,14 +25,11 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from munet import metrics
 from munet.config import Config
 from munet.errors import FailedPrecondition, InvalidArgument, NotFound
-from munet.evolution.generation import Evolver, GenerationReport
+from munet.evolution.generation import Evolver, GenerationReport, Stopped, record_metrics
+from munet.evolution.worker import EvolutionWorker
 from munet.models.store import PathRecord, Store
 
 log = logging.getLogger(__name__)
-
-
-class Stopped(Exception):
-    """Raised inside training when the server shuts down."""
 
 
 class Evolution:
@@ -40,6 +39,7 @@ class Evolution:
         self.store = store
         self.load_signal = load_signal
         self.evolver = Evolver(config, store, activate, should_pause=self._should_pause)
+        self.worker = EvolutionWorker(config, activate) if config.evolution_process else None
         self.scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             executors={"default": {"type": "threadpool", "max_workers": 2}},
@@ -79,6 +79,8 @@ class Evolution:
         self._stop.set()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        if self.worker is not None:
+            self.worker.close()
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
@@ -117,8 +119,12 @@ class Evolution:
             self.running, self.current_task = True, task
             self.candidates_done, self.candidates_total = 0, candidates or self.config.candidates_per_generation
             try:
-                report = self.evolver.run_generation(task, candidates or None, budget_s or None,
-                                                     progress=self._progress)
+                if self.worker is not None:
+                    report = self.worker.run_generation(task, candidates or None, budget_s or None,
+                                                        progress=self._progress, should_pause=self._should_pause)
+                else:
+                    report = self.evolver.run_generation(task, candidates or None, budget_s or None,
+                                                         progress=self._progress)
             except Stopped:
                 return None
             except NotFound as e:
@@ -134,6 +140,7 @@ class Evolution:
                 metrics.PAUSED.set(0)
             self.generations += 1
             self.recent.append(report)
+            record_metrics(report)
             return report
 
     def _progress(self, done: int, total: int) -> None:

@@ -489,13 +489,14 @@ class Core:
             metrics.PATH_MODULE.labels(served.task, str(served.version), str(i), m).set(1)
         self._update_session_metrics()
 
-    def activate(self, rec: PathRecord, expect: Expectation | None = None) -> ServedPath:
+    def activate(self, rec: PathRecord, expect: Expectation | None = None, check_parity: bool = True) -> ServedPath:
         """Export, parity-check, load and warm a stored version, then swap it in (promotion, rollback).
 
-        `expect`: flip only if the task is still the same one at the same version (store.set_current)."""
+        `expect`: flip only if the task is still the same one at the same version (store.set_current).
+        `check_parity=False`: the caller checked it (the evolution worker, which exported the modules)."""
         t = self.store.get_task(rec.task)
         served = self.runtime.prepare(rec, t.labels, t.image_size)
-        self._serve(served, check_parity=True, expect=expect)
+        self._serve(served, check_parity=check_parity, expect=expect)
         self.runtime.pool.release(self.runtime.live_modules())
         self._update_session_metrics()
         return served

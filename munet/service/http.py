@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import time
 from http import HTTPStatus
@@ -25,6 +24,7 @@ from munet import metrics
 from munet.app import App, setup_logging
 from munet.config import Config
 from munet.errors import InvalidArgument, MunetError
+from munet.lifecycle import die_with_parent
 from munet.service.auth import HTTPAuthMiddleware, Tokens, send_error
 from munet.service.core import UNSPECIFIED, Examples, ImageInput, TaskSpec
 
@@ -61,34 +61,6 @@ def _images(images: list[str] | None, arrays: list[Any] | None) -> list[ImageInp
         c = 1 if arr.ndim == 2 else arr.shape[2]
         out.append(ImageInput(raw=arr.tobytes(), height=arr.shape[0], width=arr.shape[1], channels=c))
     return out
-
-
-def die_with_parent() -> None:
-    """This worker ends when the BentoML supervisor that started it dies (kill -9 included), so an
-    orphan never keeps the ports or goes on evolving tasks: the kernel's parent-death signal where
-    there is one (Linux), and a watchdog on the parent's pid everywhere."""
-    import ctypes
-    import os
-    import signal
-    import threading
-
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
-                log.error("the supervisor (pid %d) is gone; stopping this worker", parent)
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(10.0)
-                os._exit(1)  # SIGTERM did not end it in time
-
-    threading.Thread(target=watch, name="munet-parent-watch", daemon=True).start()
-    if os.getppid() != parent:  # it died before the signal was armed
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @bentoml.service(name="munet", workers=CONFIG.http_workers, traffic={"timeout": 900})
