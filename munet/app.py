@@ -47,7 +47,8 @@ class App:
         ensure_root(store, resolve_root(store, config.root))  # the first start records the store's root
         core = Core(config, store, path_maker=InitialPaths(config, store))
         log.info("new tasks grow from root %s at %d px", core.root, core.image_size)
-        evolution = Evolution(config, store, activate=core.activate, load_signal=lambda: core.batcher.queue_depth)
+        evolution = Evolution(config, store, activate=core.activate, load_signal=lambda: core.batcher.queue_depth,
+                              stage=core.stage)
         return cls(config, store, core, evolution)
 
     def start(self) -> None:

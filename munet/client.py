@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import Any, NamedTuple, Self, TypeVar
 
@@ -30,6 +31,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # core/npz split codes (0 train, 1 validation, 2 test, -1 let the server choose) -> proto Split
 _SPLITS = {-1: pb.SPLIT_UNSPECIFIED, 0: pb.SPLIT_TRAIN, 1: pb.SPLIT_VALIDATION, 2: pb.SPLIT_TEST}
+_POLICIES = ("auto", "approve", "frozen")
 
 ImageLike = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray
 T = TypeVar("T")
@@ -84,27 +86,35 @@ class PathVersion:
     mutations: list[str]
     hyperparameters: dict
     training_seconds: float
-    created_at: str
-    status: str
+    created_at: str  # RFC 3339 (from created_time)
+    status: str  # current, retired, candidate, pending, rejected, failed (from the PathStatus enum)
     training_steps: int = 0
     training_examples: int = 0
+    decision: str = ""  # why evolution promoted it or not, or who did
+    note: str = ""  # why it failed, was rejected or is pending
 
 
 @dataclass
 class Task:
     name: str
     labels: list[str]
-    status: str
+    status: str  # creating or serving (from the TaskStatus enum)
     current_version: int
     path: PathVersion | None
     train_examples: int
     validation_examples: int
     test_examples: int
     source: str
-    created_at: str
+    created_at: str  # RFC 3339 (from created_time)
     lineage: list[PathVersion] = field(default_factory=list)
     root: str = ""  # the root its paths grew from
     image_size: int = 0  # pixels per side its images are resized to
+    policy: str = "auto"  # promotion policy: auto, approve, frozen
+    evolution: dict = field(default_factory=dict)  # the task's own evolution settings (absent: the server's)
+    pending_versions: list[int] = field(default_factory=list)  # waiting for promote() or reject()
+    # the pending version's shadow evaluation: version, requests, images, agreement, dropped,
+    # labelled_examples, accuracy, incumbent_accuracy (None when nothing is pending)
+    shadow: dict | None = None
 
 
 @dataclass
@@ -134,9 +144,21 @@ class GenerationReport:
     promoted: bool
     promoted_version: int
     error: str
-    started_at: str
+    started_at: str  # RFC 3339 (from started_time)
     seconds: float
     examples_processed: int = 0
+    pending_version: int = 0
+    outcome: str = ""  # promoted, pending, failed, superseded ("" = nothing beat the incumbent)
+
+
+@dataclass
+class TaskEvent:
+    id: int  # pass the last one seen plus one as since_id to resume watching
+    task: str
+    kind: str  # registered, deleted, generation_started, generation_finished, pending, promoted, ...
+    version: int
+    detail: dict
+    at: str  # RFC 3339
 
 
 @dataclass
@@ -153,6 +175,40 @@ class EvolutionStatus:
     triggered: GenerationReport | None = None  # the generation a waiting TriggerEvolution ran
 
 
+# ---- proto -> results: the proto's enums and Timestamps become the plain strings the server's core
+# uses ("auto", "pending", "generation_started"; RFC 3339 times), so results compare with strings.
+
+
+def _enum_name(enum: Any, number: int) -> str:
+    """POLICY_AUTO -> "auto", TASK_EVENT_KIND_ROLLED_BACK -> "rolled_back"; X_UNSPECIFIED (0) and
+    values this client does not know (a newer server's) -> ""."""
+    d = enum.DESCRIPTOR
+    value = d.values_by_number.get(number)
+    if not number or value is None:
+        return ""
+    return value.name.removeprefix(d.values_by_number[0].name.removesuffix("UNSPECIFIED")).lower()
+
+
+def _time(m: Any, typed: str, text: str = "") -> str:
+    """A time as RFC 3339 text: the released string field `text` when the server filled it (the
+    server's own text, as its HTTP API gives it), else the Timestamp field `typed` (the same instant)."""
+    if text and getattr(m, text):
+        return getattr(m, text)
+    return getattr(m, typed).ToDatetime(tzinfo=UTC).isoformat() if m.HasField(typed) else ""
+
+
+def _policy(policy: str | int) -> int:
+    """"auto", "approve", "frozen" (or a Policy value) -> Policy; "" -> POLICY_UNSPECIFIED (the call's
+    default). Anything else is refused here as the server would refuse it."""
+    if isinstance(policy, int):
+        return policy
+    if not policy:
+        return pb.POLICY_UNSPECIFIED
+    if policy not in _POLICIES:
+        raise MunetClientError("INVALID_ARGUMENT", f"policy must be one of {', '.join(_POLICIES)}; got {policy!r}")
+    return pb.Policy.Value("POLICY_" + policy.upper())
+
+
 def _path(m: pb.PathVersion) -> PathVersion:
     return PathVersion(
         version=m.version,
@@ -161,17 +217,26 @@ def _path(m: pb.PathVersion) -> PathVersion:
         params=m.params, accounted_params=m.accounted_params, added_params=m.added_params,
         parents=list(m.parents), parent_task=m.parent_task, mutations=list(m.mutations),
         hyperparameters=json.loads(m.hyperparameters_json) if m.hyperparameters_json else {},
-        training_seconds=m.training_seconds, created_at=m.created_at, status=m.status,
-        training_steps=m.training_steps, training_examples=m.training_examples,
+        training_seconds=m.training_seconds, created_at=_time(m, "created_time", "created_at"),
+        status=_enum_name(pb.PathStatus, m.state) or m.status,
+        training_steps=m.training_steps, training_examples=m.training_examples, decision=m.decision, note=m.note,
     )
 
 
 def _task(m: pb.Task) -> Task:
     return Task(
-        name=m.name, labels=list(m.labels), status=m.status, current_version=m.current_version,
+        name=m.name, labels=list(m.labels), status=_enum_name(pb.TaskStatus, m.state) or m.status,
+        current_version=m.current_version,
         path=_path(m.path) if m.HasField("path") else None, train_examples=m.train_examples,
         validation_examples=m.validation_examples, test_examples=m.test_examples, source=m.source,
-        created_at=m.created_at, lineage=[_path(p) for p in m.lineage], root=m.root, image_size=m.image_size,
+        created_at=_time(m, "created_time", "created_at"), lineage=[_path(p) for p in m.lineage], root=m.root,
+        image_size=m.image_size, policy=_enum_name(pb.Policy, m.policy) or "auto",
+        pending_versions=list(m.pending_versions),
+        shadow={f.name: getattr(m.shadow, f.name) for f in m.shadow.DESCRIPTOR.fields}
+        if m.HasField("shadow") else None,
+        evolution={k: v for k, v in (("candidates_per_generation", m.evolution.candidates_per_generation),
+                                     ("candidate_budget_seconds", m.evolution.candidate_budget_seconds),
+                                     ("scale_base", m.evolution.scale_base)) if v},
     )
 
 
@@ -187,7 +252,8 @@ def _evolution(m: pb.EvolutionStatus) -> EvolutionStatus:
 
 def _report(r: pb.GenerationReport) -> GenerationReport:
     return GenerationReport(r.task, r.generation, r.candidates, r.best_score, r.incumbent_score, r.promoted,
-                            r.promoted_version, r.error, r.started_at, r.seconds, r.examples_processed)
+                            r.promoted_version, r.error, _time(r, "started_time", "started_at"), r.seconds,
+                            r.examples_processed, r.pending_version, _enum_name(pb.GenerationOutcome, r.outcome))
 
 
 # ---- images -------------------------------------------------------------------------------------
@@ -372,9 +438,10 @@ class MunetClient:
     # ---- predict ----------------------------------------------------------------------------
 
     def predict(self, task: str, images: ImageLike | Iterable[ImageLike], top_k: int = 1,
-                timeout: float | None = None) -> PredictResult:
-        resp = self._call(self._stub.Predict, pb.PredictRequest(task=task, images=to_images(images), top_k=top_k),
-                          timeout)
+                timeout: float | None = None, version: int = 0) -> PredictResult:
+        """Classify images with the task's current path, or with the kept path `version` (0 = current)."""
+        resp = self._call(self._stub.Predict, pb.PredictRequest(task=task, images=to_images(images), top_k=top_k,
+                                                                version=version), timeout)
         return PredictResult(resp.task, resp.path_version,
                              [[LabelScore(s.label, s.index, s.probability) for s in p.top] for p in resp.predictions])
 
@@ -384,13 +451,16 @@ class MunetClient:
                       npz_file: str | None = None,
                       examples: tuple[np.ndarray, Sequence[int]] | tuple[np.ndarray, Sequence[int], Any] | None = None,
                       max_examples: int = 0, seed: int = 0, chunk: int = 256, validation_fraction: float = 0.0,
-                      test_fraction: float = 0.0, timeout: float | None = None, root: str = "") -> Task:
+                      test_fraction: float = 0.0, timeout: float | None = None, root: str = "",
+                      policy: str = "auto") -> Task:
         """Create a task from a built-in data set, a file in the server's import directory and/or
         uploaded `(x, y[, split])` examples (streamed in `chunk`-image messages; x an (N, H, W[, C])
         array or a list of image files, encoded bytes or arrays of any sizes). Blocks while the
-        server trains the task's first path. `root` picks the root to grow from (default: the server's)."""
+        server trains the task's first path. `root` picks the root to grow from (default: the server's);
+        `policy` is its promotion policy (auto, approve, frozen)."""
         spec = pb.TaskSpec(name=name, labels=list(labels or []), max_examples=max_examples, seed=seed,
-                           validation_fraction=validation_fraction, test_fraction=test_fraction, root=root)
+                           validation_fraction=validation_fraction, test_fraction=test_fraction, root=root,
+                           policy=_policy(policy))
         if builtin:
             spec.builtin = builtin
         if npz_file:
@@ -444,10 +514,49 @@ class MunetClient:
         r = self._call(self._stub.ListVersions, pb.ListVersionsRequest(task=task), timeout)
         return Versions(r.task, r.current_version, [_path(v) for v in r.versions])
 
-    def rollback(self, task: str, version: int = 0, timeout: float | None = None) -> Task:
-        """Serve an earlier version again (0: the one before the current)."""
-        return _task(self._call(self._stub.Rollback, pb.RollbackRequest(task=task, version=version),
+    def rollback(self, task: str, version: int = 0, policy: str = "", timeout: float | None = None) -> Task:
+        """Serve an earlier version again (0: the one before the current). The task is then frozen,
+        unless `policy` is "auto" or "approve"; the returned Task says which."""
+        req = pb.RollbackRequest(task=task, version=version, policy=_policy(policy))
+        return _task(self._call(self._stub.Rollback, req, timeout if timeout is not None else self.long_timeout))
+
+    def set_task_policy(self, task: str, policy: str = "", candidates_per_generation: int | None = None,
+                        candidate_budget_seconds: float | None = None, scale_base: float | None = None,
+                        timeout: float | None = None) -> Task:
+        """Set a task's promotion policy ("auto", "approve", "frozen"; "" keeps it) and, when any is
+        given, its evolution settings (each None or 0 = the server's default)."""
+        req = pb.SetTaskPolicyRequest(task=task, policy=_policy(policy))
+        if any(v is not None for v in (candidates_per_generation, candidate_budget_seconds, scale_base)):
+            req.evolution.CopyFrom(pb.EvolutionSettings(
+                candidates_per_generation=candidates_per_generation or 0,
+                candidate_budget_seconds=candidate_budget_seconds or 0.0, scale_base=scale_base or 0.0))
+        return _task(self._call(self._stub.SetTaskPolicy, req, timeout))
+
+    def watch_task(self, task: str = "", since_id: int = 0, timeout: float | None = None) -> Iterator[TaskEvent]:
+        """Events as they happen to `task` (or every task): generations, pending versions, promotions,
+        rollbacks, failures. `since_id` first replays the stored events from that id on (1: all kept;
+        0: none). Ends when the task is deleted, at `timeout` (DEADLINE_EXCEEDED), or when the caller
+        stops iterating."""
+        call = self._stub.WatchTask(pb.WatchTaskRequest(task=task, since_id=since_id), timeout=timeout)
+        try:
+            for m in call:
+                yield TaskEvent(m.id, m.task, _enum_name(pb.TaskEventKind, m.kind), m.version,
+                                json.loads(m.detail_json or "{}"), _time(m, "at"))
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                raise MunetClientError(e.code().name, e.details() or "") from None
+        finally:
+            call.cancel()
+
+    def promote(self, task: str, version: int, timeout: float | None = None) -> Task:
+        """Serve `version` now: under policy "approve", the pending version an operator accepts."""
+        return _task(self._call(self._stub.Promote, pb.PromoteRequest(task=task, version=version),
                                 timeout if timeout is not None else self.long_timeout))
+
+    def reject(self, task: str, version: int, reason: str = "", timeout: float | None = None) -> Task:
+        """Refuse a pending version: it is never served by evolution, and pruned first."""
+        return _task(self._call(self._stub.Reject, pb.RejectRequest(task=task, version=version, reason=reason),
+                                timeout))
 
     def trigger_evolution(self, task: str = "", candidates: int = 0, budget_seconds: float = 0.0,
                           wait: bool = False, timeout: float | None = None) -> EvolutionStatus:

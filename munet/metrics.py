@@ -14,6 +14,32 @@ LATENCY = Histogram(
     "munet_request_latency_seconds", "Predict latency from arrival to answer", ["task", "protocol"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
 )
+# Triton's split of a request's time in the server: waiting for its batch to start (queue), inside
+# ONNX Runtime (compute), and everything else (overhead = total - queue - compute: protocol parsing,
+# decoding, which is also shown on its own, scheduling, post-processing, the response)
+_SPLIT_BUCKETS = (0.0001, 0.0002, 0.0003, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
+QUEUE_SECONDS = Histogram("munet_request_queue_seconds", "Time a request waited for its batch to start",
+                          ["protocol"], buckets=_SPLIT_BUCKETS)
+COMPUTE_SECONDS = Histogram("munet_request_compute_seconds", "Time a request's batch spent in ONNX Runtime",
+                            ["protocol"], buckets=_SPLIT_BUCKETS)
+OVERHEAD_SECONDS = Histogram("munet_request_overhead_seconds",
+                             "Server time of a request outside the queue and ONNX Runtime", ["protocol"],
+                             buckets=_SPLIT_BUCKETS)
+DECODE_SECONDS = Histogram("munet_request_decode_seconds", "Time converting a request's images (part of overhead)",
+                           ["protocol"], buckets=_SPLIT_BUCKETS)
+
+
+def observe_split(protocol: str, total: float, timing: dict[str, float]) -> None:
+    """Record one answered request's queue / compute / overhead split (seconds)."""
+    if "compute" not in timing:
+        return  # it never reached ONNX Runtime (refused, failed to decode): only its latency counts
+    queue, compute = timing.get("queue", 0.0), timing["compute"]
+    QUEUE_SECONDS.labels(protocol).observe(queue)
+    COMPUTE_SECONDS.labels(protocol).observe(compute)
+    OVERHEAD_SECONDS.labels(protocol).observe(max(0.0, total - queue - compute))
+    DECODE_SECONDS.labels(protocol).observe(timing.get("decode", 0.0))
+
+
 BATCH_SIZE = Histogram("munet_batch_size", "Images per executed micro-batch",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 BATCH_TASKS = Histogram("munet_batch_tasks", "Distinct tasks per executed micro-batch",
@@ -28,6 +54,19 @@ PATH_VERSION = Gauge("munet_path_version", "Current path version per task", ["ta
                      multiprocess_mode="livemax")
 PATH_MODULE = Gauge("munet_path_module", "1 for each (task, version, position, module) served",
                     ["task", "version", "position", "module"], multiprocess_mode="livemax")
+VERSION_LOADS = Counter("munet_version_loads", "Versions loaded because a request asked for them by number",
+                        ["task"])
+VERSION_LOAD_SECONDS = Histogram("munet_version_load_seconds", "Time to load, check and warm a version on request",
+                                 buckets=(0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0))
+# shadow evaluation of a pending version (service/shadow.py)
+SHADOW_IMAGES = Counter("munet_shadow_images", "Live images a pending version also answered, in shadow", ["task"])
+SHADOW_AGREEMENTS = Counter("munet_shadow_agreements", "Shadow images whose top-1 matched the served version's",
+                            ["task"])
+SHADOW_DROPPED = Counter("munet_shadow_dropped", "Sampled requests not shadowed: the shadow thread was behind",
+                         ["task"])
+SHADOW_LABELLED = Counter("munet_shadow_labelled", "Examples labelled while a version was pending", ["task"])
+SHADOW_CORRECT = Counter("munet_shadow_correct", "Of those, correctly classified: by the pending (shadow) and "
+                         "by the served (incumbent) version", ["task", "role"])
 REGISTRATIONS = Counter("munet_registrations", "RegisterTask calls by outcome", ["code"])
 EXAMPLES_ADDED = Counter("munet_examples_added", "Labelled examples added to live tasks", ["task"])
 

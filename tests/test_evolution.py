@@ -214,13 +214,23 @@ def test_a_rollback_during_a_generation_is_not_undone(make_app):
     first = app.evolution.evolver.run_generation("steady", n_candidates=1)
     assert first.promoted and app.store.get_task("steady").current_version == first.promoted_version
     _force_promotion(app, "steady")
-    _during_training(app, lambda: app.core.rollback("steady", 1))
+    _during_training(app, lambda: app.core.rollback("steady", 1))  # which also freezes the task
     report = app.evolution.evolver.run_generation("steady", n_candidates=1)
-    assert not report.promoted and "not promoted" in report.error, report.error
+    assert not report.promoted and "frozen during the generation" in report.error, report.error
     assert app.store.get_task("steady").current_version == 1  # the operator's rollback stands
     assert app.core.runtime.get("steady").version == 1
-    pending = app.store.get_path("steady", report.candidates[0].version)
-    assert pending.status == "candidate" and "rollback" in pending.lineage["note"]
+    kept = app.store.get_path("steady", report.candidates[0].version)
+    assert kept.status == "candidate" and "frozen" in kept.lineage["decision"]
+    # a rollback that lets evolution go on: the flip's transaction still refuses the stale candidate
+    app.core.promote("steady", first.promoted_version)
+    app.core.set_policy("steady", "auto")
+    _force_promotion(app, "steady")
+    _during_training(app, lambda: app.core.rollback("steady", 1, policy="auto"))
+    report = app.evolution.evolver.run_generation("steady", n_candidates=1)
+    assert not report.promoted and report.outcome == "superseded", report
+    assert app.store.get_task("steady").current_version == 1
+    stale = app.store.get_path("steady", report.candidates[0].version)
+    assert stale.status == "candidate" and "rollback" in stale.lineage["note"]
 
 
 def test_retired_versions_and_deleted_tasks_leave_the_metrics(make_app):

@@ -345,9 +345,9 @@ def test_cli_lists_gets_and_predicts(served: Served, digits: dict, tmp_path, cap
     rc, out, _ = _cli(served, capsys, "predict", "--task", "digits", "--top-k", "2", *map(str, files))
     assert rc == 0 and out.startswith("task digits, version") and len(out.splitlines()) == 4
     rc, out, err = _cli(served, capsys, "tasks", "get", "nope")
-    assert rc == 1 and out == "" and err.startswith("error: NOT_FOUND: ")
+    assert rc == 3 and out == "" and err.startswith("error: NOT_FOUND: ")  # exit codes by error class
     rc, _, err = _cli(served, capsys, "predict", "--task", "digits", str(tmp_path / "missing.png"))
-    assert rc == 1 and "no such file" in err
+    assert rc == 4 and "no such file" in err
 
 
 def test_a_triggered_generation_runs_and_is_reported(served: Served, digits: dict, capsys) -> None:

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -258,7 +259,43 @@ def scrape_metrics(http_port: int) -> dict[str, Any]:
                 out[key] = out.get(key, 0.0) + v
         if name.startswith("munet_module_loaded{") and 'provider="' in name:
             out["providers"].add(name.split('provider="', 1)[1].split('"', 1)[0])
+        for part in SPLIT_PARTS:
+            base = f"munet_request_{part}_seconds"
+            if name.startswith(base + "_sum"):
+                out[f"{part}_sum"] = out.get(f"{part}_sum", 0.0) + v
+            elif name.startswith(base + "_count"):
+                out[f"{part}_count"] = out.get(f"{part}_count", 0.0) + v
+            elif name.startswith(base + "_bucket{") and 'le="' in name:
+                le = float(name.split('le="', 1)[1].split('"', 1)[0])
+                buckets = out.setdefault(f"{part}_buckets", {})
+                buckets[le] = buckets.get(le, 0.0) + v
     out["providers"] = sorted(out["providers"])
+    return out
+
+
+SPLIT_PARTS = ("queue", "compute", "overhead", "decode")
+
+
+def _split_stats(before: dict, after: dict) -> dict[str, float]:
+    """Per-request queue / compute / overhead (ms) of the requests between two scrapes: the mean, and
+    the median read off the histogram's buckets (linear within a bucket)."""
+    out: dict[str, float] = {}
+    for part in SPLIT_PARTS:
+        n = after.get(f"{part}_count", 0.0) - before.get(f"{part}_count", 0.0)
+        if n <= 0:
+            continue
+        out[f"{part}_ms_mean"] = (after.get(f"{part}_sum", 0.0) - before.get(f"{part}_sum", 0.0)) / n * 1000.0
+        a, b = after.get(f"{part}_buckets", {}), before.get(f"{part}_buckets", {})
+        edges = sorted(a)
+        lo, below = 0.0, 0.0
+        for le in edges:
+            cum = a[le] - b.get(le, 0.0)
+            if cum >= n / 2:
+                hi = le if math.isfinite(le) else lo * 2 or 1.0
+                frac = (n / 2 - below) / max(cum - below, 1e-9)
+                out[f"{part}_ms_p50"] = (lo + (hi - lo) * frac) * 1000.0
+                break
+            lo, below = le, cum
     return out
 
 
@@ -735,7 +772,8 @@ def run_bench(settings: Settings) -> dict:
                      ref_raw: str, ref_bentoml: str) -> Row:
             before = scrape_metrics(http_port)
             start_at, res = pool.run(n, payloads, images=batch, inflight=inflight, **common)
-            stats = _batch_stats(before, scrape_metrics(http_port))
+            after = scrape_metrics(http_port)
+            stats = {**_batch_stats(before, after), **_split_stats(before, after)}
             return row_from_clients(key, name, batch, n * inflight, start_at, res, ref_raw=ref_raw,
                                     ref_bentoml=ref_bentoml, extra=stats)
 
@@ -946,6 +984,10 @@ def targets(results: dict) -> list[dict]:
     if "grpc_b1" in rows and "raw_chain_b1" in rows:
         d = rows["grpc_b1"]["p50_ms"] - rows["raw_chain_b1"]["p50_ms"]
         add("unary p50 overhead (ms)", d, "<= 1.0", d <= 1.0, "gRPC unary batch 1 p50 - raw ORT chain batch 1 p50")
+    o = rows.get("grpc_b1", {}).get("extra", {}).get("overhead_ms_p50")
+    if o is not None:
+        add("server overhead p50 (ms)", o, "<= 0.3", o <= 0.3,
+            "gRPC unary batch 1: server time outside queue and ONNX Runtime (munet_request_overhead_seconds)")
     a, b = ips("grpc_mixed"), ips("bento_conc")
     add("ten mixed tasks vs BentoML baseline", a / b if a and b else None, ">= 2.0",
         (a / b >= 2.0) if a and b else None, "gRPC 10 tasks mixed / BentoML concurrent, same concurrency")
@@ -1000,8 +1042,9 @@ def markdown(results: dict) -> str:
         f"{results['settings']['client_procs']} client processes x {results['settings']['inflight']} in flight"
         f"{', --quick' if results['settings']['quick'] else ''}; run took {results.get('seconds', 0):.0f} s."),
         "",
-        "| row | batch | in flight | images/s | p50 ms | p99 ms | requests | failed | vs raw ORT | vs BentoML |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ("| row | batch | in flight | images/s | p50 ms | p99 ms | queue ms | compute ms | overhead ms | requests "
+         "| failed | vs raw ORT | vs BentoML |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
         vs_raw = f"{r['vs_raw']:.2f} ({r['ref_raw']})" if r["vs_raw"] is not None else "-"
@@ -1013,9 +1056,10 @@ def markdown(results: dict) -> str:
             if extra.get("server_mean_tasks_per_batch", 0) > 1.0:
                 name += f", {extra['server_mean_tasks_per_batch']:.1f} tasks"
             name += ")"
+        split = [_f(extra.get(f"{part}_ms_p50"), "{:.2f}") for part in ("queue", "compute", "overhead")]
         lines.append(f"| {name} | {r['batch']} | {r['concurrency']} | {_f(r['images_per_s'])} | "
-                     f"{_f(r['p50_ms'], '{:.2f}')} | {_f(r['p99_ms'], '{:.2f}')} | {r['requests']} | {r['failed']} | "
-                     f"{vs_raw} | {vs_b} |")
+                     f"{_f(r['p50_ms'], '{:.2f}')} | {_f(r['p99_ms'], '{:.2f}')} | {' | '.join(split)} | "
+                     f"{r['requests']} | {r['failed']} | {vs_raw} | {vs_b} |")
     lines += ["", "| target | value | threshold | pass | measured as |", "|---|---:|---|---|---|"]
     for t in results["targets"]:
         v = t["value"]
@@ -1055,7 +1099,9 @@ def markdown(results: dict) -> str:
                    f"{_f(p['max_latency_ms_during_trigger'])} |")]
     lines += ["", ("Rows compare with raw ORT at the same batch size; concurrent single-image rows compare with raw "
               "batch 64 (the most a batching server can reach). Client processes share the machine's cores with "
-              "the server.")]
+              "the server. Queue / compute / overhead: medians of the server's own split of each request "
+              "(Triton's: waiting for its batch, inside ONNX Runtime, the rest of the server's time), read off "
+              "the /metrics histograms.")]
     return "\n".join(lines) + "\n"
 
 

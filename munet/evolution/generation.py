@@ -16,13 +16,14 @@ from munet import metrics
 from munet.config import Config
 from munet.data.images import to_model_input
 from munet.data.splits import TEST, TRAIN, VALIDATION
-from munet.errors import NotFound
+from munet.errors import FailedPrecondition, NotFound
 from munet.evolution.mutations import DEFAULT_HPARAMS, Candidate, is_conv, mutate_path
 from munet.evolution.promotion import persist_candidate, promote
+from munet.evolution.scoring import paired_margin
 from munet.evolution.scoring import score as scale_score
-from munet.evolution.train import FrozenRunner, PrefixCache, train_candidate
+from munet.evolution.train import FrozenRunner, PrefixCache, predict_classes, train_candidate
 from munet.models.roots import all_root_modules, ensure_root, root_params
-from munet.models.store import Expectation, PathRecord, Store, Superseded
+from munet.models.store import Expectation, PathRecord, Store, Superseded, TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,9 @@ class GenerationReport:
     best_score: float = 0.0
     promoted: bool = False
     promoted_version: int = 0
-    outcome: str = ""  # promotion: "promoted", "failed", "superseded" ("" when nothing beat the incumbent)
+    pending_version: int = 0  # policy "approve": the version waiting for an operator
+    # "promoted", "pending", "failed", "superseded" ("" when nothing beat the incumbent by the margin)
+    outcome: str = ""
     error: str = ""
     seconds: float = 0.0
 
@@ -69,12 +72,17 @@ class GenerationReport:
         return {"task": self.task, "generation": self.generation, "candidates": len(self.candidates),
                 "examples_processed": self.examples_processed,
                 "best_score": self.best_score, "incumbent_score": self.incumbent_score,
-                "promoted": self.promoted, "promoted_version": self.promoted_version, "error": self.error,
+                "promoted": self.promoted, "promoted_version": self.promoted_version,
+                "pending_version": self.pending_version, "outcome": self.outcome, "error": self.error,
                 "started_at": self.started_at, "seconds": round(self.seconds, 2)}
 
 
 class Stopped(Exception):
     """Raised inside training when the server shuts down."""
+
+
+class Frozen(FailedPrecondition):
+    """The task's policy is "frozen": no generation runs for it."""
 
 
 def record_metrics(report: GenerationReport) -> None:
@@ -89,16 +97,30 @@ def record_metrics(report: GenerationReport) -> None:
         metrics.PROMOTIONS.labels(report.task, report.outcome).inc()
 
 
+def _predict(chain: list[nn.Module], x: torch.Tensor, batch: int = 256) -> np.ndarray:
+    out = []
+    for i in range(0, len(x), batch):
+        h = x[i:i + batch]
+        for m in chain:
+            m.eval()
+            h = m(h)
+        out.append(h.argmax(1).numpy())
+    return np.concatenate(out)
+
+
 class Evolver:
-    def __init__(self, config: Config, store: Store, activate: Callable[[PathRecord], object],
-                 should_pause: Callable[[], bool] | None = None):
+    def __init__(self, config: Config, store: Store, activate: Callable[..., object],
+                 should_pause: Callable[[], bool] | None = None, stage: Callable[[PathRecord], object] | None = None):
         self.config = config
         self.store = store
         self.activate = activate
+        # policy "approve": export, check and load a pending version without serving it
+        self.stage = stage
         self.should_pause = should_pause
         self.cache = PrefixCache()
         self.runner = FrozenRunner(store, config.training_threads)
         self.offspring: dict[tuple[str, int | None], int] = {}
+        self._val_predictions: dict[int, np.ndarray] = {}
         self.generations: dict[str, int] = {}
 
     # ---- data and scores --------------------------------------------------------------------
@@ -124,15 +146,17 @@ class Evolver:
         per_example = self.runner.run(prefix, x[:1]).numel()
         return per_example * 2 * n <= self.cache.max_bytes // 2
 
-    def path_accuracy(self, rec: PathRecord, split: int, x: np.ndarray, y: np.ndarray, key: tuple) -> float:
-        if len(y) == 0:
-            return float("nan")
+    def path_predictions(self, rec: PathRecord, x: np.ndarray, key: tuple) -> np.ndarray:
         prefix = rec.modules[:-1]
         feats = self._features(prefix, x, key)
         head = self.store.load_module(rec.modules[-1])
         with torch.no_grad():
-            pred = torch.cat([head(feats[i:i + 512].float()) for i in range(0, len(feats), 512)]).argmax(1)
-        return float((pred.numpy() == y).mean())
+            return torch.cat([head(feats[i:i + 512].float()) for i in range(0, len(feats), 512)]).argmax(1).numpy()
+
+    def path_accuracy(self, rec: PathRecord, split: int, x: np.ndarray, y: np.ndarray, key: tuple) -> float:
+        if len(y) == 0:
+            return float("nan")
+        return float((self.path_predictions(rec, x, key) == y).mean())
 
     def accounted(self, task: str, modules: list[str], new_params: int = 0) -> float:
         users = self.store.module_users()
@@ -141,18 +165,29 @@ class Evolver:
             total += self.store.module_record(m).params / len(users.get(m, set()) | {task})
         return total
 
+    def setting(self, task: TaskRecord, name: str):
+        """A task's own evolution setting, else the server's."""
+        return task.evolution.get(name) or getattr(self.config, name)
+
     def rescore(self, rec: PathRecord, xv: np.ndarray, yv: np.ndarray, ev: str) -> PathRecord:
         """Score a stored version on the current validation set, so incumbent and children compare alike."""
-        if rec.lineage.get("examples_version") == ev and rec.score is not None:
+        t = self.store.get_task(rec.task)
+        base = self.setting(t, "scale_base")
+        if rec.lineage.get("examples_version") == ev and rec.score is not None \
+                and rec.lineage.get("scale_base", self.config.scale_base) == base:
             return rec
         acc = self.path_accuracy(rec, VALIDATION, xv, yv, (rec.task, ev, "val"))
         rec.validation_accuracy = acc
-        rec.score = scale_score(acc, self.accounted(rec.task, rec.modules),
-                                root_params(self.store, self.store.get_task(rec.task).root), self.config.scale_base)
+        rec.score = scale_score(acc, self.accounted(rec.task, rec.modules), root_params(self.store, t.root), base)
         rec.lineage["examples_version"] = ev
+        rec.lineage["scale_base"] = base
         self.store.update_path(rec.task, rec.version, validation_accuracy=acc, score=rec.score,
                                lineage=rec.lineage)
         return rec
+
+    def margin(self, incumbent_pred: np.ndarray, candidate_pred: np.ndarray, y: np.ndarray) -> float:
+        return paired_margin(incumbent_pred, candidate_pred, y, self.config.promotion_margin_se,
+                             self.config.promotion_min_margin)
 
     # ---- parents ----------------------------------------------------------------------------
 
@@ -184,8 +219,12 @@ class Evolver:
     def run_generation(self, task: str, n_candidates: int | None = None, budget_s: float | None = None,
                        progress: Callable[[int, int], None] | None = None) -> GenerationReport:
         cfg = self.config
-        n_candidates = n_candidates or cfg.candidates_per_generation
-        budget_s = budget_s or cfg.candidate_budget_s
+        t_rec = self.store.get_task(task)
+        if t_rec.policy == "frozen":
+            raise Frozen(f"task {task!r} is frozen (policy 'frozen'): set its policy to auto or approve to evolve it")
+        n_candidates = n_candidates or self.setting(t_rec, "candidates_per_generation")
+        budget_s = budget_s or self.setting(t_rec, "candidate_budget_s")
+        scale_base = self.setting(t_rec, "scale_base")
         t_start = time.perf_counter()
         gen = self.generations.get(task, 0) + 1
         self.generations[task] = gen
@@ -195,8 +234,10 @@ class Evolver:
         incumbent = self.store.get_path(task)
         # what the task must still be when a candidate is promoted: the same creation (not deleted
         # and registered again under its name) at the same version (not rolled back meanwhile)
-        expect = Expectation(self.store.get_task(task).uid, incumbent.version)
+        # ... and, for an automatic promotion, still under policy "auto" (frozen meanwhile: no promotion)
+        expect = Expectation(t_rec.uid, incumbent.version, policies=("auto",))
         ev = self.store.examples_version(task)
+        known_batches = self.store.example_batch_ids(task)  # labels that arrive later are "fresh"
         xt, yt = self._data(task, TRAIN, cfg.evolution_max_train, cfg.seed)
         xv, yv = self._data(task, VALIDATION, cfg.evolution_max_validation, cfg.seed)
         incumbent = self.rescore(incumbent, xv, yv, ev)
@@ -223,7 +264,7 @@ class Evolver:
             cand = mutate_path(task, parent_modules, parent.task, parent.version if parent.task == task else None,
                                parent.hparams, head_module, root_blocks, rng, max_blocks=len(root_blocks) + 2,
                                own=own)
-            rep = self._train(cand, xt, yt, xv, yv, ev, budget_s, n_root, int(rng.integers(1 << 31)))
+            rep = self._train(cand, xt, yt, xv, yv, ev, budget_s, n_root, int(rng.integers(1 << 31)), scale_base)
             parent_score = parent.score if parent.task == task else None
             rep.survived = parent_score is None or rep.score > parent_score
             report.candidates.append(rep)
@@ -245,25 +286,58 @@ class Evolver:
             report.outcome = "superseded"
             report.seconds = time.perf_counter() - t_start
             return report
-        if best[0] > (incumbent.score or 0.0):
-            _, cand, rep = best
-            rec = persist_candidate(self.store, cand, rep.validation_accuracy, rep.score, self._lineage(cand, rep, ev),
+        _, best_cand, best_rep = best
+        inc_pred = self.path_predictions(incumbent, xv, (task, ev, "val"))
+        margin = self.margin(inc_pred, self._val_predictions.pop(id(best_cand)), yv)
+        self._val_predictions.clear()
+        bar = float(incumbent.score or 0.0) + margin
+        policy = self.store.get_task(task).policy  # may have changed during the generation
+        fresh = ""
+        if best[0] > bar and policy == "auto":
+            fresh = self._fresh_label_veto(task, incumbent, best_cand, known_batches)
+        if fresh:
+            report.error = fresh
+            log.info("%s gen %d: %s", task, gen, fresh)
+        elif best[0] > bar and policy != "frozen":
+            why = (f"score {best[0]:.4f} > incumbent v{incumbent.version} {incumbent.score or 0.0:.4f} + margin "
+                   f"{margin:.4f}")
+            rec = persist_candidate(self.store, best_cand, best_rep.validation_accuracy, best_rep.score,
+                                    {**self._lineage(best_cand, best_rep, ev, scale_base), "decision": why},
                                     expect_uid=expect.uid)
-            rep.version = rec.version
+            best_rep.version = rec.version
             # reported, never used to choose: the test split stays out of selection
             x_test, y_test = self.store.load_examples(task, TEST)
             rec.test_accuracy = self.path_accuracy(rec, TEST, x_test, y_test, (task, ev, "test", rec.version))
             self.store.update_path(task, rec.version, test_accuracy=rec.test_accuracy)
-            report.outcome, report.error = promote(self.store, self.activate, rec, expect)
-            report.promoted = report.outcome == "promoted"
-            report.promoted_version = rec.version if report.promoted else 0
+            if policy == "approve":
+                report.outcome, report.error = self._make_pending(rec, why)
+                report.pending_version = rec.version if report.outcome == "pending" else 0
+            else:
+                report.outcome, report.error = promote(self.store, self.activate, rec, expect)
+                report.promoted = report.outcome == "promoted"
+                report.promoted_version = rec.version if report.promoted else 0
+                if report.promoted:
+                    self.store.update_path(task, rec.version, lineage={**rec.lineage, "decision": "promoted: " + why})
+            if report.outcome in ("promoted", "pending", "failed"):
+                self.store.add_event(task, report.outcome, rec.version, by="evolution", reason=why,
+                                     score=round(best[0], 6), error=report.error)
+        elif best[0] > bar:
+            report.error = f"not promoted: task {task!r} was frozen during the generation"
         # children that beat their parent join the population (muNet's survival rule)
         for cand, rep in trained:
             if not rep.survived or rep.version is not None:
                 continue
+            if rep is best_rep:
+                why = (f"not promoted: score {rep.score:.4f} <= incumbent v{incumbent.version} "
+                       f"{incumbent.score or 0.0:.4f} + margin {margin:.4f}" if rep.score <= bar else report.error)
+                if fresh:
+                    why = fresh
+            else:
+                why = f"not promoted: not the generation's best ({rep.score:.4f} < {best[0]:.4f}); beat its parent"
             try:
                 rec = persist_candidate(self.store, cand, rep.validation_accuracy, rep.score,
-                                        self._lineage(cand, rep, ev), expect_uid=expect.uid)
+                                        {**self._lineage(cand, rep, ev, scale_base), "decision": why},
+                                        expect_uid=expect.uid)
             except Superseded:
                 break  # the task was deleted meanwhile: nothing more of this generation is kept
             rep.version = rec.version
@@ -282,14 +356,50 @@ class Evolver:
             return f"task {task!r} was deleted and registered again during the generation"
         return ""
 
-    def _lineage(self, cand: Candidate, rep: CandidateReport, ev: str) -> dict:
-        return {"parents": [cand.parent_version] if cand.parent_version is not None else [],
+    def _fresh_label_veto(self, task: str, incumbent: PathRecord, cand: Candidate, known: set[str]) -> str:
+        """Examples labelled while the generation ran (AddExamples: corrections of live answers) were
+        seen by neither version: a winner that does worse than the incumbent on them is not promoted,
+        whatever its validation score. Returns the reason, or "" to go ahead."""
+        x, y = self.store.load_examples_except(task, known)
+        if not len(y):
+            return ""
+        inp = torch.from_numpy(to_model_input(x))
+        with torch.no_grad():
+            chain = [s.module if s.trainable else self.store.load_module(s.module_id) for s in cand.slots]
+            new = _predict(chain, inp)
+            old = _predict([self.store.load_module(m) for m in incumbent.modules], inp)
+        acc_new, acc_old = float((new == y).mean()), float((old == y).mean())
+        if acc_new < acc_old:
+            return (f"not promoted: on {len(y)} examples labelled during the generation it scored {acc_new:.4f}, "
+                    f"the incumbent v{incumbent.version} {acc_old:.4f}")
+        return ""
+
+    def _make_pending(self, rec: PathRecord, why: str) -> tuple[str, str]:
+        """Policy "approve": the winner waits as "pending", exported, checked and loaded (Predict can ask
+        for its version), until an operator promotes or rejects it. It replaces any older pending one."""
+        for v in self.store.list_versions(rec.task):
+            if v.status == "pending" and v.version != rec.version:
+                self.store.set_path_status(rec.task, v.version, "candidate",
+                                           note=f"no longer pending: v{rec.version} replaced it")
+        try:
+            if self.stage is not None:
+                self.stage(rec)
+        except Exception as e:  # noqa: BLE001 - export, parity or load: all mean "do not offer this"
+            msg = f"{type(e).__name__}: {e}"
+            self.store.set_path_status(rec.task, rec.version, "failed", note=msg[:500])
+            return "failed", msg
+        self.store.set_path_status(rec.task, rec.version, "pending", note=f"waiting for approval: {why}")
+        log.info("%s v%d pending approval (%s)", rec.task, rec.version, why)
+        return "pending", ""
+
+    def _lineage(self, cand: Candidate, rep: CandidateReport, ev: str, scale_base: float) -> dict:
+        return {"scale_base": scale_base, "parents": [cand.parent_version] if cand.parent_version is not None else [],
                 "parent_task": cand.parent_task, "mutations": cand.mutations, "added_params": rep.added_params,
                 "training_seconds": round(rep.seconds, 3), "steps": rep.steps, "examples": rep.examples,
                 "cached_prefix": rep.cached_prefix, "examples_version": ev}
 
     def _train(self, cand: Candidate, xt: np.ndarray, yt: np.ndarray, xv: np.ndarray, yv: np.ndarray, ev: str,
-               budget_s: float, n_root: int, seed: int) -> CandidateReport:
+               budget_s: float, n_root: int, seed: int, scale_base: float) -> CandidateReport:
         cfg = self.config
         t0 = time.perf_counter()
         prefix = cand.frozen_prefix()
@@ -306,10 +416,12 @@ class Evolver:
         res = train_candidate(chain, trainable, train_in, yt, val_in, yv, cand.hparams, cfg.train_batch_size,
                               cfg.candidate_max_steps, budget_s, raw_images=not prefix, seed=seed,
                               should_pause=self.should_pause, calibrate=new_conv)
+        # per-image answers on validation, for the paired promotion margin (the best candidate's is used)
+        self._val_predictions[id(cand)] = predict_classes(nn.Sequential(*chain), val_in)
         added = sum(p.numel() for m in trainable for p in m.parameters())
         frozen_ids = [s.module_id for s in cand.slots if not s.trainable]
         accounted = self.accounted(cand.task, frozen_ids, new_params=added)
-        sc = scale_score(res.validation_accuracy, accounted, n_root, cfg.scale_base)
+        sc = scale_score(res.validation_accuracy, accounted, n_root, scale_base)
         rep = CandidateReport(cand.parent_task, cand.parent_version, cand.mutations, res.validation_accuracy, sc,
                               added, res.seconds, res.steps, len(prefix),
                               examples=res.steps * min(cfg.train_batch_size, len(yt)), prepare_seconds=prepare)

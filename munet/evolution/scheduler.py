@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import fcntl
 import logging
 import threading
@@ -25,21 +26,21 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from munet import metrics
 from munet.config import Config
 from munet.errors import FailedPrecondition, InvalidArgument, NotFound
-from munet.evolution.generation import Evolver, GenerationReport, Stopped, record_metrics
+from munet.evolution.generation import Evolver, Frozen, GenerationReport, Stopped, record_metrics
 from munet.evolution.worker import EvolutionWorker
-from munet.models.store import PathRecord, Store
+from munet.models.store import Store
 
 log = logging.getLogger(__name__)
 
 
 class Evolution:
-    def __init__(self, config: Config, store: Store, activate: Callable[[PathRecord], object],
-                 load_signal: Callable[[], int] = lambda: 0):
+    def __init__(self, config: Config, store: Store, activate: Callable[..., object],
+                 load_signal: Callable[[], int] = lambda: 0, stage: Callable[..., object] | None = None):
         self.config = config
         self.store = store
         self.load_signal = load_signal
-        self.evolver = Evolver(config, store, activate, should_pause=self._should_pause)
-        self.worker = EvolutionWorker(config, activate) if config.evolution_process else None
+        self.evolver = Evolver(config, store, activate, should_pause=self._should_pause, stage=stage)
+        self.worker = EvolutionWorker(config, activate, stage) if config.evolution_process else None
         self.scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             executors={"default": {"type": "threadpool", "max_workers": 2}},
@@ -99,8 +100,9 @@ class Evolution:
         return busy
 
     def pick_task(self) -> str | None:
-        """Round robin over the tasks that are serving."""
-        tasks = sorted(self.store.current_paths())
+        """Round robin over the tasks that are serving and not frozen."""
+        frozen = {t.name for t in self.store.list_tasks() if t.policy == "frozen"}
+        tasks = sorted(set(self.store.current_paths()) - frozen)
         if not tasks:
             return None
         task = tasks[self._next % len(tasks)]
@@ -116,9 +118,17 @@ class Evolution:
         with self._run_lock:
             if self._stop.is_set():
                 return None
+            try:
+                if self.store.get_task(task).policy == "frozen":
+                    log.info("generation for %s skipped: the task is frozen", task)
+                    return None
+            except NotFound:
+                return None
             self.running, self.current_task = True, task
             self.candidates_done, self.candidates_total = 0, candidates or self.config.candidates_per_generation
+            report: GenerationReport | None = None
             try:
+                self.store.add_event(task, "generation_started", candidates=candidates, budget_seconds=budget_s)
                 if self.worker is not None:
                     report = self.worker.run_generation(task, candidates or None, budget_s or None,
                                                         progress=self._progress, should_pause=self._should_pause)
@@ -126,8 +136,10 @@ class Evolution:
                     report = self.evolver.run_generation(task, candidates or None, budget_s or None,
                                                          progress=self._progress)
             except Stopped:
+                report = GenerationReport(task, 0, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), 0, 0.0,
+                                          error="stopped: the server is shutting down")
                 return None
-            except NotFound as e:
+            except (NotFound, Frozen) as e:
                 log.info("generation for %s skipped: %s", task, e.message)
                 return None
             except Exception as e:
@@ -138,6 +150,10 @@ class Evolution:
                 self.running, self.current_task = False, ""
                 self.paused = False
                 metrics.PAUSED.set(0)
+                with contextlib.suppress(Exception):  # the store may be closing with the server
+                    if report is not None:
+                        detail = {k: v for k, v in report.summary().items() if k != "task"}
+                        self.store.add_event(task, "generation_finished", report.generation, **detail)
             self.generations += 1
             self.recent.append(report)
             record_metrics(report)
@@ -150,11 +166,13 @@ class Evolution:
                       wait: bool = False) -> dict:
         """Queue a generation now (TriggerEvolution); with `wait`, return when it has finished."""
         if task:
-            self.store.get_task(task)  # NotFound for an unknown task, before anything is queued
+            if self.store.get_task(task).policy == "frozen":  # NotFound for an unknown task, before queueing
+                raise FailedPrecondition(f"task {task!r} is frozen (policy 'frozen'); set its policy to auto or "
+                                         "approve to evolve it")
         else:
             task = self.pick_task()
             if task is None:
-                raise FailedPrecondition("there is no task to evolve")
+                raise FailedPrecondition("there is no task to evolve (none serving, or all frozen)")
         if not 0 <= candidates <= self.config.max_candidates_per_generation:
             raise InvalidArgument(f"candidates must be in 0..{self.config.max_candidates_per_generation} "
                                   f"(max_candidates_per_generation); got {candidates}")

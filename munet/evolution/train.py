@@ -102,6 +102,13 @@ class FrozenRunner:
 
 
 @torch.no_grad()
+def predict_classes(model: nn.Module, feats: torch.Tensor, batch: int = 512) -> np.ndarray:
+    model.eval()
+    out = [model(feats[i:i + batch].float()).argmax(1).numpy() for i in range(0, len(feats), batch)]
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+@torch.no_grad()
 def accuracy(model: nn.Module, feats: torch.Tensor, y: np.ndarray, batch: int = 512) -> float:
     if len(y) == 0:
         return 0.0
@@ -200,6 +207,12 @@ def augment(x: torch.Tensor, hp: dict, g: torch.Generator) -> torch.Tensor:
     return x
 
 
+# AdamW's step does not scale with the gradient as SGD's does: it runs at a tenth of opt_lr, so one
+# list of learning rates serves both optimizers (0.01 -> 1e-3). Weight decay as full fine-tuning's.
+ADAMW_LR_SCALE = 0.1
+ADAMW_WEIGHT_DECAY = 0.05
+
+
 def lr_at(step: int, total: int, hp: dict, restarts: int = 3) -> float:
     """muNet's schedules: cosine with warm-up from lr/100, constant at lr/2, SGDR restarts."""
     lr = float(hp["opt_lr"])
@@ -265,7 +278,8 @@ def train_candidate(
     evals: int = 3,
     calibrate: list[nn.Module] = (),
 ) -> TrainResult:
-    """SGD on the trainable modules of `chain` (muNet: momentum SGD, global-norm clipping at 1.0).
+    """Train the trainable modules of `chain`: AdamW or muNet's momentum SGD (hparam opt_optimizer),
+    global-norm clipping at 1.0.
 
     `inputs_*` are raw (N, 3, 32, 32) images when `raw_images`, else cached prefix outputs. Every
     module not in `trainable` is frozen. The weights of the best validation evaluation are kept.
@@ -280,7 +294,13 @@ def train_candidate(
             p.requires_grad_(is_t)
     params = [p for m in trainable for p in m.parameters()]
     momentum = float(hp.get("opt_momentum", 0.9))
-    opt = torch.optim.SGD(params, lr=float(hp["opt_lr"]), momentum=momentum, nesterov=momentum > 0)
+    adamw = hp.get("opt_optimizer", "sgd") == "adamw"
+    if adamw:
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=float(hp["opt_lr"]) * ADAMW_LR_SCALE,
+                                                       weight_decay=ADAMW_WEIGHT_DECAY)
+    else:
+        opt = torch.optim.SGD(params, lr=float(hp["opt_lr"]), momentum=momentum, nesterov=momentum > 0)
+    lr_scale = ADAMW_LR_SCALE if adamw else 1.0
     model = nn.Sequential(*chain)
     yt = torch.from_numpy(y_train.astype(np.int64))
     n = len(yt)
@@ -316,7 +336,7 @@ def train_candidate(
         if raw_images:
             xb = augment(xb, hp, g)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, hp)
+            group["lr"] = lr_at(step, total, hp) * lr_scale
         loss = F.cross_entropy(forward(xb), yt[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

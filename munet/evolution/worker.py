@@ -10,8 +10,9 @@ generations. The two processes meet through the store, as the rest of munet does
     server -> worker   ("config", Config) first, then ("run", task, candidates, budget_s)
                        | ("busy", bool) | ("stop",) | ("exit",)
     worker -> server   ("progress", done, total) | ("paused", bool) | ("activate", PathRecord, Expectation)
-                       | ("report", GenerationReport) | ("stopped",) | ("not_found", msg) | ("failed", msg)
-    server -> worker   ("ok",) | ("superseded", msg) | ("error", msg)       (answers to "activate")
+                       | ("stage", PathRecord)                  (policy approve: load, do not serve)
+                       | ("report", GenerationReport) | ("stopped",) | ("not_found" | "frozen" | "failed", msg)
+    server -> worker   ("ok",) | ("superseded", msg) | ("error", msg)  (answers to "activate", "stage")
 
 Promotion is split where the cost is: the worker exports the candidate to ONNX and checks parity
 against torch; the server only loads the exported sessions, warms them, and flips the pointer in
@@ -39,7 +40,7 @@ import numpy as np
 
 from munet.config import Config
 from munet.errors import NotFound
-from munet.evolution.generation import GenerationReport, Stopped
+from munet.evolution.generation import Frozen, GenerationReport, Stopped
 from munet.models.store import Expectation, PathRecord, Superseded
 
 log = logging.getLogger("munet.evolution.worker")  # also when run as __main__
@@ -56,9 +57,10 @@ class EvolutionWorker:
 
     Not thread-safe by itself: the scheduler runs one generation at a time (its run lock)."""
 
-    def __init__(self, config: Config, activate: Callable[..., object]):
+    def __init__(self, config: Config, activate: Callable[..., object], stage: Callable[..., object] | None = None):
         self.config = config
         self.activate = activate
+        self.stage = stage
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
         self._lock = threading.Lock()
@@ -133,12 +135,16 @@ class EvolutionWorker:
                         self.paused = msg[1]
                     elif kind == "activate":
                         self._send(conn, self._activate(msg[1], msg[2]))
+                    elif kind == "stage":
+                        self._send(conn, self._stage(msg[1]))
                     elif kind == "report":
                         return msg[1]
                     elif kind == "stopped":
                         raise Stopped()
                     elif kind == "not_found":
                         raise NotFound(msg[1])
+                    elif kind == "frozen":
+                        raise Frozen(msg[1])
                     else:
                         raise WorkerFailed(msg[1])
             except (EOFError, OSError) as e:
@@ -155,6 +161,15 @@ class EvolutionWorker:
             self.activate(rec, expect=expect, check_parity=False)  # the worker checked parity
         except Superseded as e:
             return ("superseded", e.message)
+        except Exception as e:  # noqa: BLE001 - reported to the worker, which records the failure
+            return ("error", f"{type(e).__name__}: {e}")
+        return ("ok",)
+
+    def _stage(self, rec: PathRecord) -> tuple:
+        if self.stage is None:
+            return ("ok",)
+        try:
+            self.stage(rec, check_parity=False)  # the worker checked parity
         except Exception as e:  # noqa: BLE001 - reported to the worker, which records the failure
             return ("error", f"{type(e).__name__}: {e}")
         return ("ok",)
@@ -223,10 +238,7 @@ def worker_main(fd: int) -> None:
     conn = Connection(fd)
     kind, config = conn.recv()
     assert kind == "config", kind
-    try:
-        os.nice(config.evolution_nice)
-    except OSError as e:
-        log.warning("could not lower the evolution worker's priority: %s", e)
+    lower_priority(config)
     from munet.evolution.generation import Evolver
     from munet.models.store import Store
 
@@ -243,9 +255,8 @@ def worker_main(fd: int) -> None:
             conn.send(("paused", paused[0]))
         return paused[0]
 
-    def activate(rec: PathRecord, expect: Expectation | None = None) -> None:
-        check_exported(config, store, rec)
-        conn.send(("activate", rec, expect))
+    def ask_server(msg: tuple) -> None:
+        conn.send(msg)
         answer = inbox.get()
         if answer[0] == "exit":
             raise Stopped()
@@ -254,7 +265,15 @@ def worker_main(fd: int) -> None:
         if answer[0] == "error":
             raise RuntimeError(answer[1])
 
-    evolver = Evolver(config, store, activate, should_pause=should_pause)
+    def activate(rec: PathRecord, expect: Expectation | None = None) -> None:
+        check_exported(config, store, rec)
+        ask_server(("activate", rec, expect))
+
+    def stage(rec: PathRecord) -> None:
+        check_exported(config, store, rec)
+        ask_server(("stage", rec))
+
+    evolver = Evolver(config, store, activate, should_pause=should_pause, stage=stage)
     try:
         while True:
             msg = inbox.get()
@@ -270,6 +289,8 @@ def worker_main(fd: int) -> None:
                 with contextlib.suppress(OSError):
                     conn.send(("stopped",))
                 return
+            except Frozen as e:
+                conn.send(("frozen", e.message))
             except NotFound as e:
                 conn.send(("not_found", e.message))
             except Exception as e:  # noqa: BLE001 - the server records it as the generation's error
@@ -277,6 +298,24 @@ def worker_main(fd: int) -> None:
                 conn.send(("failed", f"{type(e).__name__}: {e}"))
     finally:
         store.close()
+
+
+def lower_priority(config: Config) -> None:
+    """Below serving on the CPU, for this thread and every thread it starts later (torch, ONNX Runtime).
+
+    Niceness alone is not enough: measured with nice +10, Predict p99 during a generation was 5x its
+    idle value, because the kernel lets a running niced task finish its slice before a waking server
+    thread gets the core, and ONNX Runtime's intra-op threads wait for each other at every operator.
+    SCHED_IDLE tasks are preempted as soon as a normal task wakes up."""
+    try:
+        os.nice(config.evolution_nice)
+    except OSError as e:
+        log.warning("could not lower the evolution worker's priority: %s", e)
+    if config.evolution_sched_idle and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError as e:
+            log.warning("could not give the evolution worker the idle scheduling class: %s", e)
 
 
 def check_exported(config: Config, store: Any, rec: PathRecord, n: int = 4) -> float:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -81,14 +82,33 @@ CREATE TABLE IF NOT EXISTS path_versions (
     PRIMARY KEY (task, version)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    task TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0,
+    detail TEXT NOT NULL DEFAULT '{}',
+    at TEXT NOT NULL
+);
 """
+
+# what happened to tasks, in order, for WatchTask: written by whichever process did it (a server,
+# an HTTP worker, the evolution worker), so every watcher sees every change through the store
+EVENT_KINDS = ("registered", "deleted", "generation_started", "generation_finished", "pending", "promoted",
+               "rolled_back", "rejected", "failed", "policy_changed")
+MAX_EVENTS = 10_000  # the oldest are dropped beyond this
 
 # Schema versions (PRAGMA user_version), each reached from the one before by its migration, so a
 # newer munet-serve opens a store an older one wrote.
 #   1: the first release (tasks without a root).
 #   2: tasks record their root and input resolution, and a creation id (uid) that tells a task from
 #      a later one of the same name; roots are recorded by name (meta "roots").
-SCHEMA_VERSION = 2
+#   3: tasks record their promotion policy (auto, approve, frozen) and evolution settings.
+SCHEMA_VERSION = 3
+
+POLICIES = ("auto", "approve", "frozen")
+# settings a task may carry over the server's (Config fields of the same names)
+TASK_EVOLUTION_SETTINGS = ("candidates_per_generation", "candidate_budget_s", "scale_base")
 
 
 def _migrate_1_to_2(db: sqlite3.Connection) -> None:
@@ -111,7 +131,15 @@ def _migrate_1_to_2(db: sqlite3.Connection) -> None:
     db.execute("UPDATE tasks SET image_size=32 WHERE image_size IS NULL")
 
 
-MIGRATIONS = {1: _migrate_1_to_2}
+def _migrate_2_to_3(db: sqlite3.Connection) -> None:
+    cols = {r[1] for r in db.execute("PRAGMA table_info(tasks)")}
+    if "policy" not in cols:
+        db.execute("ALTER TABLE tasks ADD COLUMN policy TEXT NOT NULL DEFAULT 'auto'")
+    if "evolution" not in cols:
+        db.execute("ALTER TABLE tasks ADD COLUMN evolution TEXT NOT NULL DEFAULT '{}'")
+
+
+MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 def now() -> str:
@@ -138,6 +166,8 @@ class TaskRecord:
     root: str = "vit_tiny"  # the root family its paths grew from
     image_size: int = 32  # the resolution its examples are stored and its paths run at
     uid: str = ""  # creation id: a task deleted and registered again under its name gets a new one
+    policy: str = "auto"  # promotion policy: auto, approve (an operator promotes), frozen (no evolution)
+    evolution: dict = field(default_factory=dict)  # per-task evolution settings over the server's
 
 
 @dataclass
@@ -157,10 +187,12 @@ class PathRecord:
 
 @dataclass(frozen=True)
 class Expectation:
-    """What a pointer flip requires of its task: the same creation id and current version."""
+    """What a pointer flip requires of its task: the same creation id and current version (and, for
+    evolution's own promotions, a policy that lets it promote)."""
 
     uid: str
     current_version: int | None
+    policies: tuple[str, ...] | None = None
 
 
 class Superseded(FailedPrecondition):
@@ -224,9 +256,7 @@ class Store:
                     if stmt.strip():
                         self._db.execute(stmt)
                 if fresh:
-                    version = 1
-                    _migrate_1_to_2(self._db)  # adds the new columns to the first-release tables
-                    version = SCHEMA_VERSION
+                    version = 1  # the tables above are the first release's; the migrations add the rest
                 elif version == 0:
                     version = 1  # stores written before versioning are the first release
                 if version > SCHEMA_VERSION:
@@ -330,23 +360,41 @@ class Store:
     # ---- tasks ------------------------------------------------------------------------------
 
     def create_task(self, name: str, labels: list[str], source: dict, root: str = "vit_tiny",
-                    image_size: int = 32) -> TaskRecord:
+                    image_size: int = 32, policy: str = "auto", evolution: dict | None = None) -> TaskRecord:
         if not TASK_NAME.match(name or ""):
             raise InvalidArgument(
                 f"task name {name!r} is invalid: use 1-63 lowercase letters, digits, '_' or '-', "
                 "starting with a letter or digit"
             )
+        policy, evolution = check_policy(policy or "auto"), check_evolution_settings(evolution or {})
         created = now()
         uid = uuid.uuid4().hex[:16]
         with self._tx() as db:
             if db.execute("SELECT 1 FROM tasks WHERE name=?", (name,)).fetchone():
                 raise AlreadyExists(f"task {name!r} already exists")
             db.execute(
-                "INSERT INTO tasks(name, labels, source, status, current_version, created_at, root, image_size, uid)"
-                " VALUES (?,?,?,?,NULL,?,?,?,?)",
-                (name, json.dumps(labels), json.dumps(source), "creating", created, root, int(image_size), uid),
+                "INSERT INTO tasks(name, labels, source, status, current_version, created_at, root, image_size, uid,"
+                " policy, evolution) VALUES (?,?,?,?,NULL,?,?,?,?,?,?)",
+                (name, json.dumps(labels), json.dumps(source), "creating", created, root, int(image_size), uid,
+                 policy, json.dumps(evolution)),
             )
-        return TaskRecord(name, labels, source, "creating", None, created, root, int(image_size), uid)
+        return TaskRecord(name, labels, source, "creating", None, created, root, int(image_size), uid, policy,
+                          evolution)
+
+    def set_policy(self, name: str, policy: str | None = None, evolution: dict | None = None) -> TaskRecord:
+        """Change a task's promotion policy and/or its evolution settings (None: unchanged; a setting
+        of 0 goes back to the server's)."""
+        with self._tx() as db:
+            row = db.execute("SELECT policy, evolution FROM tasks WHERE name=?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"task {name!r} does not exist")
+            new_policy = check_policy(policy) if policy else row["policy"]
+            settings = json.loads(row["evolution"] or "{}")
+            if evolution is not None:
+                settings.update(check_evolution_settings(evolution, allow_zero=True))
+                settings = {k: v for k, v in settings.items() if v}
+            db.execute("UPDATE tasks SET policy=?, evolution=? WHERE name=?", (new_policy, json.dumps(settings), name))
+        return self.get_task(name)
 
     def set_task_status(self, name: str, status: str) -> None:
         with self._tx() as db:
@@ -367,6 +415,31 @@ class Store:
             db.execute("DELETE FROM tasks WHERE name=?", (name,))
         # rows first, files second: a crash in between leaves orphan files, never dangling rows
         shutil.rmtree(self.home / "tasks" / name, ignore_errors=True)
+
+    # ---- events -----------------------------------------------------------------------------
+
+    def add_event(self, task: str, kind: str, version: int = 0, **detail: object) -> int:
+        assert kind in EVENT_KINDS, kind
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO events(task, kind, version, detail, at) VALUES (?,?,?,?,?)",
+                             (task, kind, int(version or 0), json.dumps(detail, default=str), now()))
+            event_id = int(cur.lastrowid or 0)
+            if event_id % 1000 == 0:
+                db.execute("DELETE FROM events WHERE id <= ?", (event_id - MAX_EVENTS,))
+        return event_id
+
+    def events(self, after: int = 0, task: str = "", limit: int = 1000) -> list[dict]:
+        """Events with id > `after` (of `task`, or all), oldest first."""
+        sql, args = "SELECT * FROM events WHERE id > ?", [after]
+        if task:
+            sql += " AND task = ?"
+            args.append(task)
+        rows = self._query(sql + " ORDER BY id LIMIT ?", (*args, limit))
+        return [{"id": r["id"], "task": r["task"], "kind": r["kind"], "version": r["version"],
+                 "detail": json.loads(r["detail"]), "at": r["at"]} for r in rows]
+
+    def last_event_id(self) -> int:
+        return int(self._query("SELECT COALESCE(MAX(id), 0) FROM events")[0][0])
 
     # ---- examples ---------------------------------------------------------------------------
 
@@ -406,6 +479,23 @@ class Store:
         rows = self._query("SELECT COUNT(*) n, COALESCE(MAX(id),'') m FROM example_batches WHERE task=?",
                            (task,))
         return f"{rows[0]['n']}:{rows[0]['m']}"
+
+    def example_batch_ids(self, task: str) -> set[str]:
+        return {r["id"] for r in self._query("SELECT id FROM example_batches WHERE task=?", (task,))}
+
+    def load_examples_except(self, task: str, known: set[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Every example (all splits) of the batches not in `known`: what was labelled since."""
+        xs, ys = [], []
+        for r in self._query("SELECT id, file FROM example_batches WHERE task=? ORDER BY id", (task,)):
+            if r["id"] in known:
+                continue
+            with np.load(self.home / r["file"]) as z:
+                xs.append(z["x"])
+                ys.append(z["y"])
+        if not xs:
+            size = self.get_task(task).image_size
+            return np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int64)
+        return np.concatenate(xs), np.concatenate(ys)
 
     def load_examples(self, task: str, split: int) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
@@ -478,7 +568,7 @@ class Store:
         while its task was deleted and registered again, or rolled back, must not promote.
         """
         with self._tx() as db:
-            row = db.execute("SELECT current_version, uid FROM tasks WHERE name=?", (task,)).fetchone()
+            row = db.execute("SELECT current_version, uid, policy FROM tasks WHERE name=?", (task,)).fetchone()
             if row is None:
                 raise NotFound(f"task {task!r} does not exist")
             if expect is not None:
@@ -489,6 +579,9 @@ class Store:
                     raise Superseded(f"task {task!r} now serves v{row['current_version']}, not "
                                      f"v{expect.current_version} that this candidate was compared with "
                                      "(a rollback or another promotion came first)")
+                if expect.policies is not None and row["policy"] not in expect.policies:
+                    raise Superseded(f"task {task!r} has policy {row['policy']!r} now: evolution does not "
+                                     "promote it")
             if not db.execute("SELECT 1 FROM path_versions WHERE task=? AND version=?",
                               (task, version)).fetchone():
                 raise NotFound(f"task {task!r} has no version {version}")
@@ -536,7 +629,7 @@ class Store:
         """Forget versions beyond `keep`: unpromoted candidates first, then failed, then the oldest
         retired ones (the rollback history). The current version always stays."""
         versions = self.list_versions(task)
-        rank = {"candidate": 0, "failed": 1, "retired": 2}
+        rank = {"rejected": 0, "candidate": 1, "failed": 2, "retired": 3}  # "pending" waits for an operator
         removable = sorted((v for v in versions if v.status in rank), key=lambda v: (rank[v.status], v.version))
         drop = [v.version for v in removable[: max(0, len(versions) - keep)]]
         if drop:
@@ -609,7 +702,35 @@ class Store:
 def _task(r: sqlite3.Row) -> TaskRecord:
     return TaskRecord(r["name"], json.loads(r["labels"]), json.loads(r["source"]), r["status"],
                       r["current_version"], r["created_at"], r["root"] or "vit_tiny", r["image_size"] or 32,
-                      r["uid"] or "")
+                      r["uid"] or "", r["policy"] or "auto", json.loads(r["evolution"] or "{}"))
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise InvalidArgument(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+    return policy
+
+
+def check_evolution_settings(settings: dict, allow_zero: bool = False) -> dict:
+    """Per-task evolution settings: known names, finite positive numbers (0 = the server's)."""
+    out: dict = {}
+    for k, v in settings.items():
+        if k not in TASK_EVOLUTION_SETTINGS:
+            raise InvalidArgument(f"unknown evolution setting {k!r}; known: {', '.join(TASK_EVOLUTION_SETTINGS)}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise InvalidArgument(f"evolution setting {k} must be a finite number >= 0; got {v!r}")
+        if v == 0:
+            if allow_zero:
+                out[k] = 0  # back to the server's
+            continue
+        if k == "candidates_per_generation":
+            if v != int(v):
+                raise InvalidArgument(f"candidates_per_generation must be a whole number; got {v!r}")
+            v = int(v)
+        if k == "scale_base" and not 0 < v <= 1:
+            raise InvalidArgument(f"scale_base must be in (0, 1]; got {v!r}")
+        out[k] = v
+    return out
 
 
 def _path(r: sqlite3.Row) -> PathRecord:

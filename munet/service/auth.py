@@ -25,17 +25,32 @@ from munet.errors import PermissionDenied, Unauthenticated
 
 Need = Literal["admin", "read", "open"]
 
-ADMIN_RPCS = {"RegisterTask", "AddExamples", "DeleteTask", "TriggerEvolution", "Rollback"}
-ADMIN_ROUTES = {"/register", "/register_upload", "/add_examples", "/delete", "/rollback", "/evolve"}
-READ_ROUTES = {"/predict", "/tasks", "/task", "/versions", "/evolution_status"}
+ADMIN_RPCS = {"RegisterTask", "AddExamples", "DeleteTask", "TriggerEvolution", "Rollback", "SetTaskPolicy", "Promote",
+              "Reject"}
+ADMIN_ROUTES = {"/register", "/register_upload", "/add_examples", "/delete", "/rollback", "/evolve", "/set_policy",
+                "/promote", "/reject"}
+READ_ROUTES = {"/predict", "/tasks", "/task", "/versions", "/evolution_status", "/events"}
+
+
+# The Open Inference Protocol (KServe v2): its server health and metadata are open like grpc.health;
+# everything about a model (metadata, readiness, inference) is a predict-class call.
+OIP_SERVICE = "inference.GRPCInferenceService"
+OIP_OPEN_RPCS = {"ServerLive", "ServerReady", "ServerMetadata"}
+OIP_OPEN_ROUTES = {"/v2", "/v2/health/live", "/v2/health/ready"}
 
 
 def grpc_need(method: str) -> Need:
     """`/munet.v1.Munet/Predict` -> read; health and reflection are open."""
     service, _, name = method.lstrip("/").partition("/")
+    if service == OIP_SERVICE:
+        return "open" if name in OIP_OPEN_RPCS else "read"
     if not service.startswith("munet."):
         return "open"
     return "admin" if name in ADMIN_RPCS else "read"
+
+
+def is_oip_path(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
 
 
 def http_need(path: str) -> Need:
@@ -44,6 +59,8 @@ def http_need(path: str) -> Need:
         return "admin"
     if path in READ_ROUTES:
         return "read"
+    if is_oip_path(path):  # anything under /v2 but its health and server metadata
+        return "open" if path in OIP_OPEN_ROUTES else "read"
     return "open"
 
 
@@ -92,9 +109,11 @@ class Tokens:
             raise PermissionDenied("the bearer token is not valid for this call")
 
 
-async def send_error(send, status: int, code: str, message: str, headers: list | None = None) -> None:
-    """An ASGI JSON error answer, {"code": ..., "message": ...}, sent before the app runs."""
-    body = json.dumps({"code": code, "message": message}).encode()
+async def send_error(send, status: int, code: str, message: str, headers: list | None = None,
+                     path: str = "") -> None:
+    """An ASGI JSON error answer, {"code": ..., "message": ...}, sent before the app runs; under /v2
+    (the Open Inference Protocol) KServe's {"error": ...}, which Triton's and KServe's clients read."""
+    body = json.dumps({"error": message} if is_oip_path(path) else {"code": code, "message": message}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(headers or [])]})
@@ -121,7 +140,7 @@ class HTTPAuthMiddleware:
                     message = await receive()
                     more = message.get("type") == "http.request" and message.get("more_body", False)
                 extra = [(b"www-authenticate", b"Bearer")] if isinstance(e, Unauthenticated) else []
-                await send_error(send, e.http_status, e.code, e.message, extra)
+                await send_error(send, e.http_status, e.code, e.message, extra, path=scope.get("path", ""))
                 return
         await self.app(scope, receive, send)
 

@@ -37,10 +37,16 @@ class _Request:
     future: asyncio.Future
     post: Callable[[np.ndarray], Any] | None = None  # runs on the inference thread, off the event loop
     enqueued: float = field(default_factory=time.perf_counter)
+    started: float = 0.0  # its batch entered ONNX Runtime
+    finished: float = 0.0  # ... and came out
 
 
 def _run_batch(batch: list[_Request]) -> list[Any]:
+    t0 = time.perf_counter()
     outs = run_grouped([(r.path, r.x) for r in batch])
+    t1 = time.perf_counter()
+    for r in batch:
+        r.started, r.finished = t0, t1
     return [r.post(y) if r.post is not None else y for r, y in zip(batch, outs, strict=True)]
 
 
@@ -137,11 +143,13 @@ class MicroBatcher:
             await self._arrived.wait()
 
     async def submit(self, path: ServedPath, x: np.ndarray, post: Callable[[np.ndarray], Any] | None = None,
-                     reserved: bool = False) -> Any:
+                     reserved: bool = False, timing: dict[str, float] | None = None) -> Any:
         """The path's output for `x`, passed through `post` (on the inference thread) when given.
 
         `reserved`: the caller already reserved `len(x)` images for `path.task` (and this call
-        releases them); otherwise they are reserved here (ResourceExhausted when full)."""
+        releases them); otherwise they are reserved here (ResourceExhausted when full).
+        `timing` receives "queue" (waiting for a batch to start) and "compute" (inside ONNX Runtime)
+        in seconds, Triton's split of a request's time."""
         if self._task is None:
             self.start()
         if not reserved:
@@ -150,16 +158,22 @@ class MicroBatcher:
             loop = asyncio.get_running_loop()
             # large requests are split so one client cannot monopolise a batch beyond the limit
             if len(x) > self.max_batch_size:
-                futs = []
+                parts = []
                 for i in range(0, len(x), self.max_batch_size):
-                    f = loop.create_future()
-                    self._put(_Request(path, x[i:i + self.max_batch_size], f))
-                    futs.append(f)
-                y = np.concatenate(await asyncio.gather(*futs))
+                    part = _Request(path, x[i:i + self.max_batch_size], loop.create_future())
+                    self._put(part)
+                    parts.append(part)
+                y = np.concatenate(await asyncio.gather(*(r.future for r in parts)))
+                if timing is not None:
+                    timing["queue"] = parts[0].started - parts[0].enqueued
+                    timing["compute"] = sum(r.finished - r.started for r in parts)
                 return post(y) if post is not None else y
-            fut = loop.create_future()
-            self._put(_Request(path, x, fut, post))
-            return await fut
+            req = _Request(path, x, loop.create_future(), post)
+            self._put(req)
+            out = await req.future
+            if timing is not None:
+                timing["queue"], timing["compute"] = req.started - req.enqueued, req.finished - req.started
+            return out
         finally:
             self.release(path.task, len(x))
 

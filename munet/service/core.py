@@ -19,12 +19,12 @@ import socket
 import threading
 import time
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -35,9 +35,17 @@ from munet.data.splits import TEST, TRAIN, VALIDATION, split_indices, split_new_
 from munet.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, MunetError, NotFound
 from munet.models.export import parity_error
 from munet.models.roots import RootUnavailable, all_root_modules, ensure_root, get_root_spec, input_size, resolve_root
-from munet.models.store import Expectation, PathRecord, Store, TaskRecord
+from munet.models.store import (
+    Expectation,
+    PathRecord,
+    Store,
+    TaskRecord,
+    check_evolution_settings,
+    check_policy,
+)
 from munet.service.batching import MicroBatcher
 from munet.service.runtime import Runtime, ServedPath
+from munet.service.shadow import Shadows
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +73,8 @@ class TaskSpec:
     test_fraction: float = 0.1
     seed: int = 0
     root: str = ""  # the root to grow from; "" = the server's
+    policy: str = "auto"  # promotion policy: auto, approve or frozen
+    evolution: dict = field(default_factory=dict)  # per-task evolution settings (store.TASK_EVOLUTION_SETTINGS)
 
 
 @dataclass
@@ -103,7 +113,10 @@ class Core:
         self.config = config
         self.store = store
         self.path_maker = path_maker
-        self.runtime = Runtime(store, config.providers, config.intra_op_threads)
+        self.runtime = Runtime(store, config.providers, config.intra_op_threads,
+                               max_versions=config.max_loaded_versions)
+        self._loading: dict[tuple[str, int], asyncio.Future] = {}
+        self.shadows = Shadows(config.shadow_rate, seed=config.seed)
         self.batcher = MicroBatcher(config.max_batch_size, config.max_delay_ms, on_batch=self._on_batch,
                                     max_queue_images=max(config.max_queue_images, config.max_request_images),
                                     max_task_queue_images=config.max_task_queue_images or max(
@@ -141,6 +154,12 @@ class Core:
             rec = self.store.get_path(t.name, t.current_version)
             self._serve(self.runtime.prepare(rec, t.labels, t.image_size), check_parity=False)
             served.append(t.name)
+            for v in self.store.list_versions(t.name):
+                if v.status == "pending":  # waiting for an operator: loaded, and in shadow again
+                    try:
+                        self.stage(v, check_parity=False)
+                    except Exception as e:  # noqa: BLE001 - it stays pending; Promote loads it again
+                        log.error("pending %s v%d could not be loaded: %s", t.name, v.version, e)
         log.info("restored %d tasks: %s", len(served), ", ".join(served) or "-")
         return served
 
@@ -217,10 +236,61 @@ class Core:
             raise NotFound(f"task {task!r} does not exist")
         return p
 
-    async def predict(self, task: str, inputs: list[ImageInput], top_k: int = 1, timeout: float | None = None
-                      ) -> tuple[ServedPath, list[Prediction]]:
+    async def path_for(self, task: str, version: int = 0) -> ServedPath:
+        """The path that answers a request: the task's current one (version 0), or any version kept in
+        the store, loaded on first request (off the event loop, once however many ask) into an LRU."""
+        current = self.served(task)
+        if not version or version == current.version:
+            return current
+        if version < 0:
+            raise InvalidArgument(f"version must be 0 (current) or a version number; got {version}")
+        rec = self.store.get_path(task, version)
+        if rec.status in ("failed", "rejected"):
+            raise FailedPrecondition(f"{task} v{version} is {rec.status} and cannot serve: "
+                                     f"{rec.lineage.get('note', '')}")
+        p = self.runtime.cached_version(task, version, tuple(rec.modules))
+        if p is not None:
+            return p
+        key = (task, version)
+        fut = self._loading.get(key)
+        if fut is None:
+            fut = asyncio.get_running_loop().run_in_executor(self.decode_pool, self._load_version, rec)
+            self._loading[key] = fut
+            fut.add_done_callback(lambda _: self._loading.pop(key, None))
+        return await asyncio.shield(fut)
+
+    def _load_version(self, rec: PathRecord, check_parity: bool = True) -> ServedPath:
+        t0 = time.perf_counter()
+        t = self.store.get_task(rec.task)
+        served = self.runtime.prepare(rec, t.labels, t.image_size)
+        if check_parity:
+            self.check_parity(served)  # a candidate that was never promoted was never checked
+        self.runtime.keep_version(served)
+        secs = time.perf_counter() - t0
+        metrics.VERSION_LOADS.labels(rec.task).inc()
+        metrics.VERSION_LOAD_SECONDS.observe(secs)
+        self._update_session_metrics()
+        log.info("loaded %s v%d on request in %.2f s", rec.task, rec.version, secs)
+        return served
+
+    async def predict(self, task: str, inputs: list[ImageInput], top_k: int = 1, timeout: float | None = None,
+                      version: int = 0, timing: dict[str, float] | None = None) -> tuple[ServedPath, list[Prediction]]:
+        """Top-k labels per image, from the current path or the `version` asked for. `timing` receives
+        the request's "decode", "queue" and "compute" seconds (see `metrics.observe_split`)."""
+        return await self._classify(task, inputs, timeout, version,
+                                    lambda path, y: top_k_predictions(y, path.labels, top_k), timing)
+
+    async def probabilities(self, task: str, inputs: list[ImageInput], timeout: float | None = None,
+                            version: int = 0, timing: dict[str, float] | None = None
+                            ) -> tuple[ServedPath, np.ndarray]:
+        """Every class's probability per image, float32 (N, labels) (the Open Inference Protocol)."""
+        return await self._classify(task, inputs, timeout, version, lambda path, y: softmax(y), timing)
+
+    async def _classify(self, task: str, inputs: list[ImageInput], timeout: float | None, version: int,
+                        post: Callable[[ServedPath, np.ndarray], Any], timing: dict[str, float] | None = None
+                        ) -> tuple[ServedPath, Any]:
         # the path is pinned here: a swap while this request waits does not change its answer
-        path = self.served(task)
+        path = self.served(task) if not version else await self.path_for(task, version)
         # decoding is CPU-bound (a 4096x4096 WebP takes ~3 s): never on the event loop, where health
         # checks and every other request wait; in a bounded pool, stopped for a request that is gone
         deadline = time.monotonic() + timeout if timeout is not None else None
@@ -233,19 +303,32 @@ class Core:
                                   f"{self.config.max_request_images} (max_request_images)")
         # admitted before decoding: a refused request costs nothing; the batcher releases it
         self.batcher.reserve(task, len(inputs))
+        t_decode = time.perf_counter()
         try:
-            x = await loop.run_in_executor(
-                self.decode_pool, lambda: imglib.to_model_input(self.decode(inputs, path.image_size, deadline,
-                                                                            cancelled)))
+            if _cheap(inputs, path.image_size):
+                # raw pixels, few and small: converting them costs less than the hop to the decode pool
+                # and back (measured: the hop is most of a single image's server overhead)
+                x = imglib.to_model_input(self.decode(inputs, path.image_size))
+            else:
+                x = await loop.run_in_executor(
+                    self.decode_pool, lambda: imglib.to_model_input(self.decode(inputs, path.image_size, deadline,
+                                                                                cancelled)))
         except BaseException as e:
             if isinstance(e, asyncio.CancelledError):
                 cancelled.set()
             self.batcher.release(task, len(inputs))
             raise
-        preds = await self.batcher.submit(path, x, post=lambda y: top_k_predictions(y, path.labels, top_k),
-                                          reserved=True)
+        if timing is not None:
+            timing["decode"] = time.perf_counter() - t_decode
+        if not version and self.shadows.get(task) is not None:
+            def post_and_shadow(y: np.ndarray) -> Any:
+                self.shadows.maybe_sample(task, x, y)  # after the answer, never instead of it
+                return post(path, y)
+            out = await self.batcher.submit(path, x, post=post_and_shadow, reserved=True, timing=timing)
+        else:
+            out = await self.batcher.submit(path, x, post=lambda y: post(path, y), reserved=True, timing=timing)
         metrics.IMAGES.labels(task, str(path.version)).inc(len(x))
-        return path, preds
+        return path, out
 
     def predict_sync(self, task: str, x_u8: np.ndarray) -> tuple[ServedPath, np.ndarray]:
         """Logits for already-converted images, bypassing the batcher (tools and tests)."""
@@ -278,6 +361,8 @@ class Core:
             raise FailedPrecondition("this server cannot train new tasks (no path maker configured)")
         if spec.max_examples < 0:
             raise InvalidArgument(f"max_examples must be >= 0 (0: all); got {spec.max_examples}")
+        check_policy(spec.policy or "auto")
+        check_evolution_settings(spec.evolution)
         if len(self.store.list_tasks()) >= self.config.max_tasks:
             raise InvalidArgument(f"this server holds at most {self.config.max_tasks} tasks (max_tasks); "
                                   "delete one first")
@@ -329,12 +414,15 @@ class Core:
                       # who registers it: another worker restarting must not take it for a crash's leftover
                       "owner": {"host": socket.gethostname(), "pid": os.getpid()}}
             ensure_root(self.store, root)
-            self.store.create_task(spec.name, labels, source, root=root, image_size=size)
+            self.store.create_task(spec.name, labels, source, root=root, image_size=size, policy=spec.policy or "auto",
+                                   evolution=spec.evolution)
             try:
                 self.store.add_examples(spec.name, data.x, data.y, data.split)
                 path = self.path_maker.initial_path(self.store.get_task(spec.name))
                 served = self.runtime.prepare(path, labels, size)
                 self._serve(served, check_parity=True)
+                self.store.add_event(spec.name, "registered", path.version, root=root, labels=len(labels),
+                                     policy=spec.policy or "auto")
             except BaseException:
                 # a failed registration leaves nothing behind: the name can be used again
                 self.runtime.remove(spec.name)
@@ -450,6 +538,8 @@ class Core:
                 examples.x[unspecified], int(t.source.get("seed", 0)), 0.2)
         counts = self.store.add_examples(task, examples.x, examples.y, examples.split)
         metrics.EXAMPLES_ADDED.labels(task).inc(len(examples.y))
+        if self.shadows.get(task) is not None:
+            self.shadows.labelled(task, self.runtime.get(task), imglib.to_model_input(examples.x), examples.y)
         return counts
 
     def delete_task(self, task: str) -> None:
@@ -457,6 +547,8 @@ class Core:
         old = self.runtime.get(task)
         self.runtime.remove(task)
         self.store.delete_task(task)
+        self.store.add_event(task, "deleted")
+        self.shadows.clear(task)
         if old is not None:
             _retire_series(old)
             _drop(metrics.PATH_VERSION, task)
@@ -536,6 +628,12 @@ class Core:
             "validation_examples": counts["validation"], "test_examples": counts["test"],
             "source": t.source.get("name") or t.source.get("kind", ""), "created_at": t.created_at,
             "lineage": lineage, "root": t.root, "image_size": t.image_size,
+            "policy": t.policy,
+            "evolution": {"candidates_per_generation": t.evolution.get("candidates_per_generation", 0),
+                          "candidate_budget_seconds": t.evolution.get("candidate_budget_s", 0.0),
+                          "scale_base": t.evolution.get("scale_base", 0.0)},
+            "pending_versions": [v.version for v in self.store.list_versions(name) if v.status == "pending"],
+            "shadow": self.shadows.stats(name),
         }
 
     def path_view(self, rec: PathRecord) -> dict:
@@ -559,30 +657,86 @@ class Core:
             "mutations": list(lin.get("mutations", [])), "hyperparameters": rec.hparams,
             "training_seconds": float(lin.get("training_seconds", 0.0)), "created_at": rec.created_at,
             "status": rec.status, "training_steps": int(lin.get("steps", 0)),
-            "training_examples": int(lin.get("examples", 0)),
+            "training_examples": int(lin.get("examples", 0)), "decision": str(lin.get("decision", "")),
+            "note": str(lin.get("note", "")),
         }
 
     def list_versions(self, task: str) -> tuple[int, list[dict]]:
         t = self.store.get_task(task)
         return t.current_version or 0, [self.path_view(v) for v in self.store.list_versions(task)]
 
-    def rollback(self, task: str, version: int = 0) -> dict:
-        """Serve an earlier stored version again (0: the newest one older than the current)."""
+    def rollback(self, task: str, version: int = 0, policy: str = "") -> dict:
+        """Serve an earlier stored version again (0: the newest one older than the current).
+
+        The task is frozen unless `policy` says otherwise ("auto" or "approve"), so the next
+        generation does not silently undo the operator's decision."""
         t = self.store.get_task(task)
-        versions = [v for v in self.store.list_versions(task) if v.status != "failed"]
+        policy = check_policy(policy or "frozen")
+        versions = [v for v in self.store.list_versions(task) if v.status not in ("failed", "rejected")]
         if version == 0:
-            older = [v for v in versions if v.version < (t.current_version or 0)]
+            # the version served before this one: a retired version (candidates never served)
+            older = [v for v in versions if v.status == "retired" and v.version < (t.current_version or 0)]
             if not older:
-                raise FailedPrecondition(f"task {task!r} has no version older than {t.current_version}")
+                raise FailedPrecondition(f"task {task!r} has no earlier served version than {t.current_version}")
             rec = older[-1]
         else:
             match = [v for v in versions if v.version == version]
             if not match:
                 raise NotFound(f"task {task!r} has no servable version {version}")
             rec = match[0]
+        # the policy first: a generation finishing now must not promote over the rollback
+        self.store.set_policy(task, policy)
         if rec.version != t.current_version:
             self.activate(rec)
-            log.info("task %s rolled back from v%s to v%d", task, t.current_version, rec.version)
+            log.info("task %s rolled back from v%s to v%d; policy %s", task, t.current_version, rec.version, policy)
+        self.store.add_event(task, "rolled_back", rec.version, previous=t.current_version, policy=policy)
+        return self.task_view(task)
+
+    def set_policy(self, task: str, policy: str = "", evolution: dict | None = None) -> dict:
+        """Change a task's promotion policy ("" keeps it) and evolution settings (0 = the server's)."""
+        before = self.store.get_task(task)
+        t = self.store.set_policy(task, policy or None, evolution)
+        if t.policy != before.policy:
+            log.info("task %s: policy %s -> %s", task, before.policy, t.policy)
+        if (t.policy, t.evolution) != (before.policy, before.evolution):
+            self.store.add_event(task, "policy_changed", policy=t.policy, previous=before.policy, evolution=t.evolution)
+        return self.task_view(task)
+
+    def stage(self, rec: PathRecord, check_parity: bool = True) -> ServedPath:
+        """Load a version without serving it (a pending one, under policy "approve"): Predict can ask
+        for it by number, it runs in shadow on live requests and new labels, and Promote then swaps
+        it in without loading anything."""
+        served = self._load_version(rec, check_parity=check_parity)
+        self.shadows.set(served)
+        return served
+
+    def promote(self, task: str, version: int) -> dict:
+        """An operator's promotion: serve `version` (pending, or any kept version that did not fail)."""
+        rec = self.store.get_path(task, version)
+        if rec.status in ("failed", "rejected"):
+            raise FailedPrecondition(f"{task} v{version} is {rec.status} and cannot be promoted"
+                                     f"{': ' + rec.lineage['note'] if rec.lineage.get('note') else ''}")
+        if rec.status == "current":
+            return self.task_view(task)
+        self.activate(rec)
+        self.store.update_path(task, version, lineage={**rec.lineage, "decision": "promoted by an operator"})
+        self.store.add_event(task, "promoted", version, by="operator")
+        self.shadows.clear(task)
+        log.info("task %s: v%d promoted by an operator", task, version)
+        return self.task_view(task)
+
+    def reject(self, task: str, version: int, reason: str = "") -> dict:
+        """An operator's refusal of a pending (or any not-current) version: it is never promoted by
+        evolution, and is pruned first."""
+        rec = self.store.get_path(task, version)
+        if rec.status == "current":
+            raise FailedPrecondition(f"{task} v{version} is serving; roll back or promote another version first")
+        note = f"rejected by an operator{': ' + reason if reason else ''}"
+        self.store.set_path_status(task, version, "rejected", note=note[:500])
+        self.runtime.forget_version(task, version)
+        self.store.add_event(task, "rejected", version, reason=reason)
+        self.shadows.clear(task, version)
+        log.info("task %s: v%d rejected%s", task, version, f" ({reason})" if reason else "")
         return self.task_view(task)
 
     def list_task_views(self) -> list[dict]:
@@ -597,11 +751,31 @@ def _release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def top_k_predictions(logits: np.ndarray, labels: tuple[str, ...] | list[str], k: int) -> list[Prediction]:
-    k = max(1, min(int(k or 1), len(labels)))
+INLINE_DECODE_PIXELS = 4 * 128 * 128  # raw pixels converted on the event loop (~0.1 ms at most)
+
+
+def _cheap(inputs: list[ImageInput], size: int) -> bool:
+    """Whether a request is only raw pixels, at most INLINE_DECODE_PIXELS of them in and out."""
+    if len(inputs) * size * size > INLINE_DECODE_PIXELS:
+        return False
+    total = 0
+    for im in inputs:
+        if im.raw is None or im.encoded is not None:
+            return False
+        total += len(im.raw)
+    return total <= INLINE_DECODE_PIXELS * 3
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)
+    return p.astype(np.float32, copy=False)
+
+
+def top_k_predictions(logits: np.ndarray, labels: tuple[str, ...] | list[str], k: int) -> list[Prediction]:
+    k = max(1, min(int(k or 1), len(labels)))
+    p = softmax(logits)
     order = np.argsort(-p, axis=1, kind="stable")[:, :k]
     return [Prediction([(labels[j], int(j), float(p[i, j])) for j in order[i]]) for i in range(len(p))]
 

@@ -14,13 +14,14 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
 from google.protobuf import descriptor as _descriptor
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -28,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from munet import metrics
 from munet.config import Config
 from munet.errors import FailedPrecondition, InvalidArgument, MunetError
+from munet.service import oip
 from munet.service.auth import GrpcAuthInterceptor, Tokens
 from munet.service.core import UNSPECIFIED, Core, Examples, ImageInput, TaskSpec
 from munet.v1 import munet_pb2 as pb
@@ -58,10 +60,70 @@ class Evolution(Protocol):
 # ---- dict -> proto ------------------------------------------------------------------------------
 
 
+# Typed fields beside the released string fields they supersede (which stay, deprecated, and are
+# still filled): each reads the same view key as its string twin.
+_VIEW_KEYS = {"state": "status", "created_time": "created_at", "started_time": "started_at"}
+_TIMESTAMP = "google.protobuf.Timestamp"
+
+
+def enum_value(enum: _descriptor.EnumDescriptor, name: str) -> int:
+    """A core string -> its enum value by the proto's naming rule: "auto" -> POLICY_AUTO,
+    "generation_started" -> TASK_EVENT_KIND_GENERATION_STARTED; "" -> 0 (X_UNSPECIFIED).
+
+    A string the enum lacks (a core value the proto has not caught up with) is logged and sent as 0;
+    tests/test_protos.py checks that every value the core uses has its enum value."""
+    if not name:
+        return 0
+    prefix = enum.values_by_number[0].name.removesuffix("UNSPECIFIED")  # "POLICY_"
+    value = enum.values_by_name.get(prefix + name.upper())
+    if value is None:
+        log.warning("%r has no %s value; sending %s", name, enum.full_name, enum.values_by_number[0].name)
+        return 0
+    return value.number
+
+
+def enum_name(enum: _descriptor.EnumDescriptor, number: int) -> str:
+    """The inverse of `enum_value`: POLICY_AUTO -> "auto", 0 -> ""; a number the enum lacks -> ValueError."""
+    if number == 0:
+        return ""
+    value = enum.values_by_number.get(number)
+    if value is None:
+        raise ValueError(f"unknown {enum.name} value {number}")
+    return value.name.removeprefix(enum.values_by_number[0].name.removesuffix("UNSPECIFIED")).lower()
+
+
+def policy_name(number: int) -> str:
+    """A request's Policy -> the core's name ("auto", "approve", "frozen"); POLICY_UNSPECIFIED -> "",
+    which each core call reads as its documented default (RegisterTask auto, SetTaskPolicy unchanged,
+    Rollback frozen)."""
+    try:
+        return enum_name(pb.Policy.DESCRIPTOR, number)
+    except ValueError:
+        raise InvalidArgument(f"unknown policy value {number}; use POLICY_AUTO, POLICY_APPROVE or "
+                              "POLICY_FROZEN (or POLICY_UNSPECIFIED for the call's default)") from None
+
+
+def timestamp(value: str | datetime) -> Timestamp | None:
+    """An RFC 3339 string (or a datetime; naive ones are UTC) -> Timestamp; None when it is empty or
+    unreadable (the deprecated string field beside it still carries the text)."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            if value:
+                log.warning("not an RFC 3339 time: %r", value[:64])
+            return None
+    ts = Timestamp()
+    ts.FromDatetime(value if value.tzinfo is not None else value.replace(tzinfo=UTC))
+    return ts
+
+
 def _scalar(field: _descriptor.FieldDescriptor, value: Any) -> Any:
     t = field.type
     if t == field.TYPE_STRING:
         return value.isoformat() if isinstance(value, datetime) else str(value)
+    if t == field.TYPE_ENUM and isinstance(value, str):
+        return enum_value(field.enum_type, value)
     if t == field.TYPE_BOOL:
         return bool(value)
     if t in (field.TYPE_DOUBLE, field.TYPE_FLOAT):
@@ -75,17 +137,26 @@ def to_message(cls: type[_M], d: dict) -> _M:
     """Fill a message from a core view dict whose keys are the message's field names.
 
     Keys the message lacks are ignored and None leaves a field unset, so a view may carry extras.
-    `hyperparameters` (a dict) becomes `hyperparameters_json`.
+    `hyperparameters` (a dict) becomes `hyperparameters_json`. Enum fields take the core's strings
+    ("auto" -> POLICY_AUTO, see `enum_value`), Timestamp fields RFC 3339 strings or datetimes, and
+    the typed twins of released string fields (`state`, `created_time`, `started_time`) read the
+    same key as their twin (`status`, `created_at`, `started_at`).
     """
     msg = cls()
     if "hyperparameters" in d and "hyperparameters_json" in cls.DESCRIPTOR.fields_by_name:
         d = {**d, "hyperparameters_json": json.dumps(d["hyperparameters"] or {}, sort_keys=True)}
     for f in cls.DESCRIPTOR.fields:
         v = d.get(f.name)
+        if v is None and f.name in _VIEW_KEYS:
+            v = d.get(_VIEW_KEYS[f.name])
         if v is None:
             continue
         repeated = f.is_repeated
-        if f.message_type is not None:
+        if f.message_type is not None and f.message_type.full_name == _TIMESTAMP and not repeated:
+            ts = timestamp(v)
+            if ts is not None:
+                getattr(msg, f.name).CopyFrom(ts)
+        elif f.message_type is not None:
             sub = getattr(pb, f.message_type.name)
             if repeated:
                 getattr(msg, f.name).extend(to_message(sub, x) for x in v)
@@ -122,7 +193,15 @@ def task_spec(s: pb.TaskSpec) -> TaskSpec:
         test_fraction=s.test_fraction or _DEFAULT_FRACTION,
         seed=s.seed,
         root=s.root,
+        policy=policy_name(s.policy) or "auto",
+        evolution=evolution_settings(s.evolution) if s.HasField("evolution") else {},
     )
+
+
+def evolution_settings(m: pb.EvolutionSettings) -> dict:
+    """The proto's settings -> the store's names (Config fields)."""
+    return {"candidates_per_generation": m.candidates_per_generation, "candidate_budget_s": m.candidate_budget_seconds,
+            "scale_base": m.scale_base}
 
 
 def decode_batch(core: Core, batch: pb.ExampleBatch, index: int, size: int) -> Examples:
@@ -226,9 +305,11 @@ class MunetServicer(pb_grpc.MunetServicer):
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         t0 = time.perf_counter()
         code = "INTERNAL"
+        timing: dict[str, float] = {}
         try:
             path, preds = await self.core.predict(request.task, [image_input(im) for im in request.images],
-                                                  request.top_k, timeout=context.time_remaining())
+                                                  request.top_k, timeout=context.time_remaining(),
+                                                  version=request.version, timing=timing)
             resp = pb.PredictResponse(task=request.task, path_version=path.version)
             for p in preds:
                 resp.predictions.add().top.extend(
@@ -242,9 +323,11 @@ class MunetServicer(pb_grpc.MunetServicer):
             code = "CANCELLED"
             raise
         finally:
+            total = time.perf_counter() - t0
             task = self._metric_task(request.task)
             metrics.REQUESTS.labels(task, "grpc", code).inc()
-            metrics.LATENCY.labels(task, "grpc").observe(time.perf_counter() - t0)
+            metrics.LATENCY.labels(task, "grpc").observe(total)
+            metrics.observe_split("grpc", total, timing)
 
     # ---- tasks ------------------------------------------------------------------------------
 
@@ -358,7 +441,44 @@ class MunetServicer(pb_grpc.MunetServicer):
     @_rpc
     async def Rollback(self, request: pb.RollbackRequest, context: grpc.aio.ServicerContext) -> pb.Task:
         # rollback exports and parity-checks the old version: seconds, so off the event loop
-        return to_message(pb.Task, await asyncio.to_thread(self.core.rollback, request.task, request.version))
+        return to_message(pb.Task, await asyncio.to_thread(self.core.rollback, request.task, request.version,
+                                                           policy_name(request.policy)))
+
+    @_rpc
+    async def SetTaskPolicy(self, request: pb.SetTaskPolicyRequest, context: grpc.aio.ServicerContext) -> pb.Task:
+        settings = evolution_settings(request.evolution) if request.HasField("evolution") else None
+        return to_message(pb.Task, await asyncio.to_thread(self.core.set_policy, request.task,
+                                                           policy_name(request.policy), settings))
+
+    @_rpc
+    async def WatchTask(self, request: pb.WatchTaskRequest, context: grpc.aio.ServicerContext) -> None:
+        store = self.core.store
+        if request.task:
+            store.get_task(request.task)  # NOT_FOUND for a task that does not exist
+        after = request.since_id - 1 if request.since_id else await asyncio.to_thread(store.last_event_id)
+        while True:
+            events = await asyncio.to_thread(store.events, after, request.task)
+            for e in events:
+                await context.write(to_message(pb.TaskEvent,
+                                               {**e, "detail_json": json.dumps(e["detail"], sort_keys=True)}))
+                after = e["id"]
+            if request.task and any(e["kind"] == "deleted" for e in events):
+                return  # the task is gone; a new one of that name is another task
+            # the store is the meeting point of every process that changes tasks: poll it
+            await asyncio.sleep(WATCH_POLL_S)
+
+    @_rpc
+    async def Promote(self, request: pb.PromoteRequest, context: grpc.aio.ServicerContext) -> pb.Task:
+        if not request.version:
+            raise InvalidArgument("Promote needs the version to serve (ListVersions, Task.pending_versions)")
+        return to_message(pb.Task, await asyncio.to_thread(self.core.promote, request.task, request.version))
+
+    @_rpc
+    async def Reject(self, request: pb.RejectRequest, context: grpc.aio.ServicerContext) -> pb.Task:
+        if not request.version:
+            raise InvalidArgument("Reject needs the version to refuse")
+        return to_message(pb.Task, await asyncio.to_thread(self.core.reject, request.task, request.version,
+                                                           request.reason))
 
     # ---- evolution --------------------------------------------------------------------------
 
@@ -405,20 +525,27 @@ class Health(health_aio.HealthServicer):
         await self.enter_graceful_shutdown()
 
 
+WATCH_POLL_S = 0.2
+
+
 def create_grpc_server(core: Core, evolution: Evolution | None, config: Config,
                        address: str | None = None) -> tuple[grpc.aio.Server, int]:
     """Build (not start) the gRPC server; returns it and the bound port (an ephemeral one for port 0).
 
     The health servicer is reachable as `server.munet_health` (see `stop_grpc_server`).
     """
-    server = grpc.aio.server(interceptors=[GrpcAuthInterceptor(Tokens.from_config(config))], options=[
+    tokens = Tokens.from_config(config)
+    # no tokens, no interceptor: it would cost every call a coroutine hop for nothing
+    interceptors = [GrpcAuthInterceptor(tokens)] if tokens.admin or tokens.predict else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         # without this a second server on the same port would silently share its traffic
         ("grpc.so_reuseport", 0),
     ])
     pb_grpc.add_MunetServicer_to_server(MunetServicer(core, evolution), server)
-    health = Health()
+    oip.add_to_server(core, server)  # inference.GRPCInferenceService (KServe v2) on the same port and core
+    health = Health(("", SERVICE_NAME, oip.SERVICE_NAME))
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = address or f"{config.host}:{config.grpc_port}"
@@ -454,5 +581,5 @@ async def stop_grpc_server(server: grpc.aio.Server, grace: float | None = 5.0) -
     await server.stop(grace)
 
 
-__all__ = ["SERVICE_NAME", "Health", "MunetServicer", "create_grpc_server", "decode_batch", "image_input",
-           "stop_grpc_server", "task_spec", "to_message"]
+__all__ = ["SERVICE_NAME", "Health", "MunetServicer", "create_grpc_server", "decode_batch", "enum_name",
+           "enum_value", "image_input", "policy_name", "stop_grpc_server", "task_spec", "timestamp", "to_message"]

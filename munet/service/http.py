@@ -27,6 +27,7 @@ from munet.errors import InvalidArgument, MunetError
 from munet.lifecycle import die_with_parent
 from munet.service.auth import HTTPAuthMiddleware, Tokens, send_error
 from munet.service.core import UNSPECIFIED, Examples, ImageInput, TaskSpec
+from munet.service.oip_http import create_app as create_oip_app
 
 log = logging.getLogger("munet.http")
 CONFIG = Config.from_env()
@@ -111,19 +112,24 @@ class MunetService:
 
     @bentoml.api
     async def predict(self, task: str, images: list[str] | None = None, arrays: list[Any] | None = None,
-                      top_k: int = 1) -> dict:
-        """Classify images: `images` are base64 PNG/JPEG files, `arrays` are (H, W[, C]) uint8 pixel lists."""
+                      top_k: int = 1, version: int = 0) -> dict:
+        """Classify images: `images` are base64 PNG/JPEG files, `arrays` are (H, W[, C]) uint8 pixel lists;
+        `version`: a kept path version to answer with (0 = current)."""
         t0 = time.perf_counter()
         code = "OK"
+        timing: dict[str, float] = {}
         try:
-            path, preds = await self._call(lambda: self.core.predict(task, _images(images, arrays), top_k))
+            path, preds = await self._call(lambda: self.core.predict(task, _images(images, arrays), top_k,
+                                                                         version=version, timing=timing))
         except BentoMLException as e:
             code = e.message.split(":", 1)[0]
             raise
         finally:
+            total = time.perf_counter() - t0
             label = task if self.core.runtime.get(task) is not None else "unknown"
             metrics.REQUESTS.labels(label, "http", code).inc()
-            metrics.LATENCY.labels(label, "http").observe(time.perf_counter() - t0)
+            metrics.LATENCY.labels(label, "http").observe(total)
+            metrics.observe_split("http", total, timing)
         return {"task": task, "path_version": path.version,
                 "predictions": [[{"label": lbl, "index": i, "probability": p} for lbl, i, p in pr.top]
                                 for pr in preds]}
@@ -131,20 +137,24 @@ class MunetService:
     @bentoml.api
     async def register(self, name: str, builtin: str | None = None, npz_file: str | None = None,
                        labels: list[str] | None = None, max_examples: int = 0, seed: int = 0,
-                       validation_fraction: float = 0.1, test_fraction: float = 0.1, root: str = "") -> dict:
-        """Create a task from a built-in data set or an .npz file in the server's import directory."""
+                       validation_fraction: float = 0.1, test_fraction: float = 0.1, root: str = "",
+                       policy: str = "auto", evolution: dict | None = None) -> dict:
+        """Create a task from a built-in data set or an .npz file in the server's import directory.
+        `policy`: auto, approve or frozen; `evolution`: candidates_per_generation, candidate_budget_s,
+        scale_base (the server's when absent)."""
         spec = TaskSpec(name=name, labels=labels or [], builtin=builtin, npz_file=npz_file,
                         max_examples=max_examples, seed=seed, validation_fraction=validation_fraction,
-                        test_fraction=test_fraction, root=root)
+                        test_fraction=test_fraction, root=root, policy=policy, evolution=evolution or {})
         return await self._call(asyncio.to_thread, self._register, spec, None)
 
     @bentoml.api
     async def register_upload(self, name: str, file: Path, labels: list[str] | None = None,
                               max_examples: int = 0, seed: int = 0, validation_fraction: float = 0.1,
-                              test_fraction: float = 0.1, root: str = "") -> dict:
+                              test_fraction: float = 0.1, root: str = "", policy: str = "auto") -> dict:
         """Create a task from an uploaded .npz (multipart `file`: x, y[, label_names, split])."""
         spec = TaskSpec(name=name, labels=labels or [], max_examples=max_examples, seed=seed,
-                        validation_fraction=validation_fraction, test_fraction=test_fraction, root=root)
+                        validation_fraction=validation_fraction, test_fraction=test_fraction, root=root,
+                        policy=policy)
         return await self._call(asyncio.to_thread, self._register, spec, Path(file))
 
     def _register(self, spec: TaskSpec, file: Path | None) -> dict:
@@ -189,8 +199,24 @@ class MunetService:
         return {"task": task, "current_version": current, "versions": versions}
 
     @bentoml.api
-    async def rollback(self, task: str, version: int = 0) -> dict:
-        return await self._call(asyncio.to_thread, self.core.rollback, task, version)
+    async def rollback(self, task: str, version: int = 0, policy: str = "") -> dict:
+        """Serve an earlier version; the task is frozen unless `policy` is auto or approve."""
+        return await self._call(asyncio.to_thread, self.core.rollback, task, version, policy)
+
+    @bentoml.api
+    async def set_policy(self, task: str, policy: str = "", evolution: dict | None = None) -> dict:
+        """A task's promotion policy (auto, approve, frozen; "" unchanged) and evolution settings
+        (candidates_per_generation, candidate_budget_s, scale_base; 0 = the server's)."""
+        return await self._call(asyncio.to_thread, self.core.set_policy, task, policy, evolution)
+
+    @bentoml.api
+    async def promote(self, task: str, version: int) -> dict:
+        """Serve `version` (the pending one under policy approve)."""
+        return await self._call(asyncio.to_thread, self.core.promote, task, version)
+
+    @bentoml.api
+    async def reject(self, task: str, version: int, reason: str = "") -> dict:
+        return await self._call(asyncio.to_thread, self.core.reject, task, version, reason)
 
     @bentoml.api
     async def evolve(self, task: str = "", candidates: int = 0, budget_seconds: float = 0.0,
@@ -199,6 +225,11 @@ class MunetService:
             raise BentoMLException("FAILED_PRECONDITION: evolution runs on worker 1 only and must be enabled",
                                    error_code=HTTPStatus.PRECONDITION_FAILED)
         return await self._call(self.app.evolution.trigger, task or None, candidates, budget_seconds, wait)
+
+    @bentoml.api
+    async def events(self, task: str = "", after_id: int = 0, limit: int = 1000) -> list[dict]:
+        """Stored task events after `after_id`, oldest first (gRPC WatchTask streams them)."""
+        return await self._call(asyncio.to_thread, self.core.store.events, after_id, task, max(1, min(limit, 10000)))
 
     @bentoml.api
     async def evolution_status(self) -> dict:
@@ -237,7 +268,7 @@ class BodyLimitMiddleware:
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
             return await send_error(send, 413, "INVALID_ARGUMENT", f"the request body has {int(declared)} bytes; the "
-                                 f"limit (max_http_body_bytes) is {self.limit}")
+                                 f"limit (max_http_body_bytes) is {self.limit}", path=scope.get("path", ""))
         seen = 0
 
         async def counted():
@@ -266,6 +297,11 @@ class ClientErrorsAsOneLine(logging.Filter):
 
 
 logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorsAsOneLine())
+# the Open Inference Protocol's /v2 routes, on the worker's own core. Mounted at "/" (its routes start
+# with /v2; BentoML's mount only takes requests one of them matches): a mount at "/v2" would not
+# match GET /v2 itself (server metadata), which Starlette would redirect to /v2/ instead.
+MunetService.mount_asgi_app(create_oip_app(lambda: bentoml.get_current_service().core,
+                                           max_body=CONFIG.max_http_body_bytes), path="/", name="oip")
 MunetService.add_asgi_middleware(RetryAfterMiddleware)
 MunetService.add_asgi_middleware(BodyLimitMiddleware, limit=CONFIG.max_http_body_bytes)
 _TOKENS = Tokens.from_config(CONFIG)

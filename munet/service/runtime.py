@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -185,13 +186,39 @@ def _run_tree(idx: list[int], xs: list[np.ndarray], paths: list[ServedPath], dep
 
 
 class Runtime:
-    """The live serving graph: task -> ServedPath, swapped atomically."""
+    """The live serving graph: task -> ServedPath, swapped atomically; plus older or newer versions
+    that requests asked for by number, kept loaded in an LRU of `max_versions`."""
 
-    def __init__(self, store: Store, providers: list[str], intra_op_threads: int = 0):
+    def __init__(self, store: Store, providers: list[str], intra_op_threads: int = 0, max_versions: int = 8):
         self.store = store
         self.pool = SessionPool(store, providers, intra_op_threads)
         self._paths: dict[str, ServedPath] = {}
         self._lock = threading.Lock()
+        self.max_versions = max_versions
+        self._versions: OrderedDict[tuple[str, int], ServedPath] = OrderedDict()
+
+    def cached_version(self, task: str, version: int, modules: tuple[str, ...]) -> ServedPath | None:
+        """A version loaded on request, if it is still the same modules (a task deleted and registered
+        again numbers its versions anew)."""
+        with self._lock:
+            p = self._versions.get((task, version))
+            if p is None or p.module_ids != modules:
+                return None
+            self._versions.move_to_end((task, version))
+            return p
+
+    def keep_version(self, served: ServedPath) -> list[ServedPath]:
+        """Remember a version loaded on request; returns the least recently used ones it pushed out."""
+        with self._lock:
+            self._versions[(served.task, served.version)] = served
+            self._versions.move_to_end((served.task, served.version))
+            out = []
+            while len(self._versions) > self.max_versions:
+                out.append(self._versions.popitem(last=False)[1])
+        if out:
+            self.pool.release(self.live_modules())
+        return out
+
 
     def prepare(self, rec: PathRecord, labels: list[str], image_size: int,
                 warm_batches: tuple[int, ...] = (1, 8)) -> ServedPath:
@@ -216,9 +243,16 @@ class Runtime:
             self._paths[served.task] = served
         return old
 
+    def forget_version(self, task: str, version: int) -> None:
+        with self._lock:
+            self._versions.pop((task, version), None)
+        self.pool.release(self.live_modules())
+
     def remove(self, task: str) -> None:
         with self._lock:
             self._paths.pop(task, None)
+            for key in [k for k in self._versions if k[0] == task]:
+                del self._versions[key]
         self.pool.release(self.live_modules())
 
     def get(self, task: str) -> ServedPath | None:
@@ -228,4 +262,7 @@ class Runtime:
         return dict(self._paths)
 
     def live_modules(self) -> set[str]:
-        return {m for p in self._paths.values() for m in p.module_ids}
+        """Modules of every loaded path: current ones and versions kept on request."""
+        with self._lock:
+            paths = [*self._paths.values(), *self._versions.values()]
+        return {m for p in paths for m in p.module_ids}

@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -13,10 +16,85 @@ class Split(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SPLIT_TRAIN: _ClassVar[Split]
     SPLIT_VALIDATION: _ClassVar[Split]
     SPLIT_TEST: _ClassVar[Split]
+
+class Policy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POLICY_UNSPECIFIED: _ClassVar[Policy]
+    POLICY_AUTO: _ClassVar[Policy]
+    POLICY_APPROVE: _ClassVar[Policy]
+    POLICY_FROZEN: _ClassVar[Policy]
+
+class TaskStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_STATUS_UNSPECIFIED: _ClassVar[TaskStatus]
+    TASK_STATUS_CREATING: _ClassVar[TaskStatus]
+    TASK_STATUS_SERVING: _ClassVar[TaskStatus]
+
+class PathStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PATH_STATUS_UNSPECIFIED: _ClassVar[PathStatus]
+    PATH_STATUS_CURRENT: _ClassVar[PathStatus]
+    PATH_STATUS_RETIRED: _ClassVar[PathStatus]
+    PATH_STATUS_CANDIDATE: _ClassVar[PathStatus]
+    PATH_STATUS_PENDING: _ClassVar[PathStatus]
+    PATH_STATUS_REJECTED: _ClassVar[PathStatus]
+    PATH_STATUS_FAILED: _ClassVar[PathStatus]
+
+class GenerationOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GENERATION_OUTCOME_UNSPECIFIED: _ClassVar[GenerationOutcome]
+    GENERATION_OUTCOME_PROMOTED: _ClassVar[GenerationOutcome]
+    GENERATION_OUTCOME_PENDING: _ClassVar[GenerationOutcome]
+    GENERATION_OUTCOME_FAILED: _ClassVar[GenerationOutcome]
+    GENERATION_OUTCOME_SUPERSEDED: _ClassVar[GenerationOutcome]
+
+class TaskEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_EVENT_KIND_UNSPECIFIED: _ClassVar[TaskEventKind]
+    TASK_EVENT_KIND_REGISTERED: _ClassVar[TaskEventKind]
+    TASK_EVENT_KIND_DELETED: _ClassVar[TaskEventKind]
+    TASK_EVENT_KIND_GENERATION_STARTED: _ClassVar[TaskEventKind]
+    TASK_EVENT_KIND_GENERATION_FINISHED: _ClassVar[TaskEventKind]
+    TASK_EVENT_KIND_PENDING: _ClassVar[TaskEventKind]
+    TASK_EVENT_KIND_PROMOTED: _ClassVar[TaskEventKind]
+    TASK_EVENT_KIND_ROLLED_BACK: _ClassVar[TaskEventKind]
+    TASK_EVENT_KIND_REJECTED: _ClassVar[TaskEventKind]
+    TASK_EVENT_KIND_FAILED: _ClassVar[TaskEventKind]
+    TASK_EVENT_KIND_POLICY_CHANGED: _ClassVar[TaskEventKind]
 SPLIT_UNSPECIFIED: Split
 SPLIT_TRAIN: Split
 SPLIT_VALIDATION: Split
 SPLIT_TEST: Split
+POLICY_UNSPECIFIED: Policy
+POLICY_AUTO: Policy
+POLICY_APPROVE: Policy
+POLICY_FROZEN: Policy
+TASK_STATUS_UNSPECIFIED: TaskStatus
+TASK_STATUS_CREATING: TaskStatus
+TASK_STATUS_SERVING: TaskStatus
+PATH_STATUS_UNSPECIFIED: PathStatus
+PATH_STATUS_CURRENT: PathStatus
+PATH_STATUS_RETIRED: PathStatus
+PATH_STATUS_CANDIDATE: PathStatus
+PATH_STATUS_PENDING: PathStatus
+PATH_STATUS_REJECTED: PathStatus
+PATH_STATUS_FAILED: PathStatus
+GENERATION_OUTCOME_UNSPECIFIED: GenerationOutcome
+GENERATION_OUTCOME_PROMOTED: GenerationOutcome
+GENERATION_OUTCOME_PENDING: GenerationOutcome
+GENERATION_OUTCOME_FAILED: GenerationOutcome
+GENERATION_OUTCOME_SUPERSEDED: GenerationOutcome
+TASK_EVENT_KIND_UNSPECIFIED: TaskEventKind
+TASK_EVENT_KIND_REGISTERED: TaskEventKind
+TASK_EVENT_KIND_DELETED: TaskEventKind
+TASK_EVENT_KIND_GENERATION_STARTED: TaskEventKind
+TASK_EVENT_KIND_GENERATION_FINISHED: TaskEventKind
+TASK_EVENT_KIND_PENDING: TaskEventKind
+TASK_EVENT_KIND_PROMOTED: TaskEventKind
+TASK_EVENT_KIND_ROLLED_BACK: TaskEventKind
+TASK_EVENT_KIND_REJECTED: TaskEventKind
+TASK_EVENT_KIND_FAILED: TaskEventKind
+TASK_EVENT_KIND_POLICY_CHANGED: TaskEventKind
 
 class Image(_message.Message):
     __slots__ = ("encoded", "raw")
@@ -39,14 +117,16 @@ class RawImage(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("task", "images", "top_k")
+    __slots__ = ("task", "images", "top_k", "version")
     TASK_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     task: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     top_k: int
-    def __init__(self, task: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    version: int
+    def __init__(self, task: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., top_k: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "index", "probability")
@@ -85,7 +165,7 @@ class LabelledImage(_message.Message):
     def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., label: _Optional[int] = ..., split: _Optional[_Union[Split, str]] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("name", "labels", "builtin", "npz_file", "max_examples", "validation_fraction", "test_fraction", "seed", "root")
+    __slots__ = ("name", "labels", "builtin", "npz_file", "max_examples", "validation_fraction", "test_fraction", "seed", "root", "policy", "evolution")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     BUILTIN_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +175,8 @@ class TaskSpec(_message.Message):
     TEST_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     ROOT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    EVOLUTION_FIELD_NUMBER: _ClassVar[int]
     name: str
     labels: _containers.RepeatedScalarFieldContainer[str]
     builtin: str
@@ -104,7 +186,19 @@ class TaskSpec(_message.Message):
     test_fraction: float
     seed: int
     root: str
-    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., builtin: _Optional[str] = ..., npz_file: _Optional[str] = ..., max_examples: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., test_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., root: _Optional[str] = ...) -> None: ...
+    policy: Policy
+    evolution: EvolutionSettings
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., builtin: _Optional[str] = ..., npz_file: _Optional[str] = ..., max_examples: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., test_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., root: _Optional[str] = ..., policy: _Optional[_Union[Policy, str]] = ..., evolution: _Optional[_Union[EvolutionSettings, _Mapping]] = ...) -> None: ...
+
+class EvolutionSettings(_message.Message):
+    __slots__ = ("candidates_per_generation", "candidate_budget_seconds", "scale_base")
+    CANDIDATES_PER_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_BUDGET_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_BASE_FIELD_NUMBER: _ClassVar[int]
+    candidates_per_generation: int
+    candidate_budget_seconds: float
+    scale_base: float
+    def __init__(self, candidates_per_generation: _Optional[int] = ..., candidate_budget_seconds: _Optional[float] = ..., scale_base: _Optional[float] = ...) -> None: ...
 
 class ExampleBatch(_message.Message):
     __slots__ = ("examples",)
@@ -169,7 +263,7 @@ class ModuleInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., params: _Optional[int] = ..., shared_by: _Optional[int] = ..., frozen: _Optional[bool] = ...) -> None: ...
 
 class PathVersion(_message.Message):
-    __slots__ = ("version", "modules", "validation_accuracy", "test_accuracy", "score", "params", "accounted_params", "added_params", "parents", "parent_task", "mutations", "hyperparameters_json", "training_seconds", "created_at", "status", "training_steps", "training_examples")
+    __slots__ = ("version", "modules", "validation_accuracy", "test_accuracy", "score", "params", "accounted_params", "added_params", "parents", "parent_task", "mutations", "hyperparameters_json", "training_seconds", "created_at", "status", "training_steps", "training_examples", "decision", "note", "state", "created_time")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODULES_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +281,10 @@ class PathVersion(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     TRAINING_STEPS_FIELD_NUMBER: _ClassVar[int]
     TRAINING_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_TIME_FIELD_NUMBER: _ClassVar[int]
     version: int
     modules: _containers.RepeatedCompositeFieldContainer[ModuleInfo]
     validation_accuracy: float
@@ -204,10 +302,14 @@ class PathVersion(_message.Message):
     status: str
     training_steps: int
     training_examples: int
-    def __init__(self, version: _Optional[int] = ..., modules: _Optional[_Iterable[_Union[ModuleInfo, _Mapping]]] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., score: _Optional[float] = ..., params: _Optional[int] = ..., accounted_params: _Optional[int] = ..., added_params: _Optional[int] = ..., parents: _Optional[_Iterable[int]] = ..., parent_task: _Optional[str] = ..., mutations: _Optional[_Iterable[str]] = ..., hyperparameters_json: _Optional[str] = ..., training_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., status: _Optional[str] = ..., training_steps: _Optional[int] = ..., training_examples: _Optional[int] = ...) -> None: ...
+    decision: str
+    note: str
+    state: PathStatus
+    created_time: _timestamp_pb2.Timestamp
+    def __init__(self, version: _Optional[int] = ..., modules: _Optional[_Iterable[_Union[ModuleInfo, _Mapping]]] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., score: _Optional[float] = ..., params: _Optional[int] = ..., accounted_params: _Optional[int] = ..., added_params: _Optional[int] = ..., parents: _Optional[_Iterable[int]] = ..., parent_task: _Optional[str] = ..., mutations: _Optional[_Iterable[str]] = ..., hyperparameters_json: _Optional[str] = ..., training_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., status: _Optional[str] = ..., training_steps: _Optional[int] = ..., training_examples: _Optional[int] = ..., decision: _Optional[str] = ..., note: _Optional[str] = ..., state: _Optional[_Union[PathStatus, str]] = ..., created_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("name", "labels", "status", "current_version", "path", "train_examples", "validation_examples", "test_examples", "source", "created_at", "lineage", "root", "image_size")
+    __slots__ = ("name", "labels", "status", "current_version", "path", "train_examples", "validation_examples", "test_examples", "source", "created_at", "lineage", "root", "image_size", "policy", "evolution", "pending_versions", "shadow", "state", "created_time")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +323,12 @@ class Task(_message.Message):
     LINEAGE_FIELD_NUMBER: _ClassVar[int]
     ROOT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    EVOLUTION_FIELD_NUMBER: _ClassVar[int]
+    PENDING_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_TIME_FIELD_NUMBER: _ClassVar[int]
     name: str
     labels: _containers.RepeatedScalarFieldContainer[str]
     status: str
@@ -234,7 +342,33 @@ class Task(_message.Message):
     lineage: _containers.RepeatedCompositeFieldContainer[PathVersion]
     root: str
     image_size: int
-    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., status: _Optional[str] = ..., current_version: _Optional[int] = ..., path: _Optional[_Union[PathVersion, _Mapping]] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ..., test_examples: _Optional[int] = ..., source: _Optional[str] = ..., created_at: _Optional[str] = ..., lineage: _Optional[_Iterable[_Union[PathVersion, _Mapping]]] = ..., root: _Optional[str] = ..., image_size: _Optional[int] = ...) -> None: ...
+    policy: Policy
+    evolution: EvolutionSettings
+    pending_versions: _containers.RepeatedScalarFieldContainer[int]
+    shadow: ShadowStats
+    state: TaskStatus
+    created_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., status: _Optional[str] = ..., current_version: _Optional[int] = ..., path: _Optional[_Union[PathVersion, _Mapping]] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ..., test_examples: _Optional[int] = ..., source: _Optional[str] = ..., created_at: _Optional[str] = ..., lineage: _Optional[_Iterable[_Union[PathVersion, _Mapping]]] = ..., root: _Optional[str] = ..., image_size: _Optional[int] = ..., policy: _Optional[_Union[Policy, str]] = ..., evolution: _Optional[_Union[EvolutionSettings, _Mapping]] = ..., pending_versions: _Optional[_Iterable[int]] = ..., shadow: _Optional[_Union[ShadowStats, _Mapping]] = ..., state: _Optional[_Union[TaskStatus, str]] = ..., created_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ShadowStats(_message.Message):
+    __slots__ = ("version", "requests", "images", "agreement", "dropped", "labelled_examples", "accuracy", "incumbent_accuracy")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    INCUMBENT_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    requests: int
+    images: int
+    agreement: float
+    dropped: int
+    labelled_examples: int
+    accuracy: float
+    incumbent_accuracy: float
+    def __init__(self, version: _Optional[int] = ..., requests: _Optional[int] = ..., images: _Optional[int] = ..., agreement: _Optional[float] = ..., dropped: _Optional[int] = ..., labelled_examples: _Optional[int] = ..., accuracy: _Optional[float] = ..., incumbent_accuracy: _Optional[float] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
     __slots__ = ()
@@ -281,7 +415,7 @@ class GetEvolutionStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GenerationReport(_message.Message):
-    __slots__ = ("task", "generation", "candidates", "best_score", "incumbent_score", "promoted", "promoted_version", "error", "started_at", "seconds", "examples_processed")
+    __slots__ = ("task", "generation", "candidates", "best_score", "incumbent_score", "promoted", "promoted_version", "error", "started_at", "seconds", "examples_processed", "pending_version", "outcome", "started_time")
     TASK_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -293,6 +427,9 @@ class GenerationReport(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_PROCESSED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    STARTED_TIME_FIELD_NUMBER: _ClassVar[int]
     task: str
     generation: int
     candidates: int
@@ -304,7 +441,10 @@ class GenerationReport(_message.Message):
     started_at: str
     seconds: float
     examples_processed: int
-    def __init__(self, task: _Optional[str] = ..., generation: _Optional[int] = ..., candidates: _Optional[int] = ..., best_score: _Optional[float] = ..., incumbent_score: _Optional[float] = ..., promoted: _Optional[bool] = ..., promoted_version: _Optional[int] = ..., error: _Optional[str] = ..., started_at: _Optional[str] = ..., seconds: _Optional[float] = ..., examples_processed: _Optional[int] = ...) -> None: ...
+    pending_version: int
+    outcome: GenerationOutcome
+    started_time: _timestamp_pb2.Timestamp
+    def __init__(self, task: _Optional[str] = ..., generation: _Optional[int] = ..., candidates: _Optional[int] = ..., best_score: _Optional[float] = ..., incumbent_score: _Optional[float] = ..., promoted: _Optional[bool] = ..., promoted_version: _Optional[int] = ..., error: _Optional[str] = ..., started_at: _Optional[str] = ..., seconds: _Optional[float] = ..., examples_processed: _Optional[int] = ..., pending_version: _Optional[int] = ..., outcome: _Optional[_Union[GenerationOutcome, str]] = ..., started_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class EvolutionStatus(_message.Message):
     __slots__ = ("running", "current_task", "candidates_done", "candidates_total", "paused_for_load", "generations", "recent", "scheduler_enabled", "interval_seconds", "triggered")
@@ -347,9 +487,63 @@ class ListVersionsResponse(_message.Message):
     def __init__(self, task: _Optional[str] = ..., current_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[PathVersion, _Mapping]]] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
+    __slots__ = ("task", "version", "policy")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    version: int
+    policy: Policy
+    def __init__(self, task: _Optional[str] = ..., version: _Optional[int] = ..., policy: _Optional[_Union[Policy, str]] = ...) -> None: ...
+
+class SetTaskPolicyRequest(_message.Message):
+    __slots__ = ("task", "policy", "evolution")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    EVOLUTION_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    policy: Policy
+    evolution: EvolutionSettings
+    def __init__(self, task: _Optional[str] = ..., policy: _Optional[_Union[Policy, str]] = ..., evolution: _Optional[_Union[EvolutionSettings, _Mapping]] = ...) -> None: ...
+
+class PromoteRequest(_message.Message):
     __slots__ = ("task", "version")
     TASK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     task: str
     version: int
     def __init__(self, task: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class RejectRequest(_message.Message):
+    __slots__ = ("task", "version", "reason")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    version: int
+    reason: str
+    def __init__(self, task: _Optional[str] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class WatchTaskRequest(_message.Message):
+    __slots__ = ("task", "since_id")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    SINCE_ID_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    since_id: int
+    def __init__(self, task: _Optional[str] = ..., since_id: _Optional[int] = ...) -> None: ...
+
+class TaskEvent(_message.Message):
+    __slots__ = ("id", "task", "kind", "version", "detail_json", "at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_JSON_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    task: str
+    kind: TaskEventKind
+    version: int
+    detail_json: str
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[int] = ..., task: _Optional[str] = ..., kind: _Optional[_Union[TaskEventKind, str]] = ..., version: _Optional[int] = ..., detail_json: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

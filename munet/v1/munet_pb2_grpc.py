@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class MunetStub:
-    """Missing associated documentation comment in .proto file."""
+    """The munet-serve API: predictions, tasks and their examples, evolution, versions and the
+    operator's controls over promotion. Errors are gRPC status codes: NOT_FOUND (unknown task or
+    version), INVALID_ARGUMENT (malformed images, bad names, unknown enum values), ALREADY_EXISTS,
+    FAILED_PRECONDITION (a task still registering, evolution disabled, nothing to roll back to).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -84,13 +88,37 @@ class MunetStub:
                 request_serializer=munet_dot_v1_dot_munet__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=munet_dot_v1_dot_munet__pb2.Task.FromString,
                 _registered_method=True)
+        self.SetTaskPolicy = channel.unary_unary(
+                '/munet.v1.Munet/SetTaskPolicy',
+                request_serializer=munet_dot_v1_dot_munet__pb2.SetTaskPolicyRequest.SerializeToString,
+                response_deserializer=munet_dot_v1_dot_munet__pb2.Task.FromString,
+                _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/munet.v1.Munet/Promote',
+                request_serializer=munet_dot_v1_dot_munet__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=munet_dot_v1_dot_munet__pb2.Task.FromString,
+                _registered_method=True)
+        self.Reject = channel.unary_unary(
+                '/munet.v1.Munet/Reject',
+                request_serializer=munet_dot_v1_dot_munet__pb2.RejectRequest.SerializeToString,
+                response_deserializer=munet_dot_v1_dot_munet__pb2.Task.FromString,
+                _registered_method=True)
+        self.WatchTask = channel.unary_stream(
+                '/munet.v1.Munet/WatchTask',
+                request_serializer=munet_dot_v1_dot_munet__pb2.WatchTaskRequest.SerializeToString,
+                response_deserializer=munet_dot_v1_dot_munet__pb2.TaskEvent.FromString,
+                _registered_method=True)
 
 
 class MunetServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The munet-serve API: predictions, tasks and their examples, evolution, versions and the
+    operator's controls over promotion. Errors are gRPC status codes: NOT_FOUND (unknown task or
+    version), INVALID_ARGUMENT (malformed images, bad names, unknown enum values), ALREADY_EXISTS,
+    FAILED_PRECONDITION (a task still registering, evolution disabled, nothing to roll back to).
+    """
 
     def Predict(self, request, context):
-        """Classify a batch of images with a task's current path.
+        """Classify a batch of images with a task's current path (or a kept version of it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,7 +126,8 @@ class MunetServicer:
 
     def RegisterTask(self, request_iterator, context):
         """Create a task. The first message carries the TaskSpec; when the spec names no built-in data
-        set or server-side .npz file, the following messages carry the labelled images.
+        set or server-side .npz file, the following messages carry the labelled images; the last
+        message is an UploadEnd. Returns the task once its first path serves.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,44 +141,83 @@ class MunetServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTasks(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every task of this server, oldest first.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetTask(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One task: its status, current path, lineage, policy and pending versions.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteTask(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Delete a task with its examples and versions; modules other tasks use stay.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def TriggerEvolution(self, request, context):
-        """Evolution: run a generation now, watch it, inspect and roll back versions.
+        """Run an evolution generation now (for one task, or the scheduler's next pick); with `wait`,
+        return when it ends.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetEvolutionStatus(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """What evolution is doing now and the reports of its recent generations.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListVersions(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every kept version of a task's path, with its status, scores and lineage.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Rollback(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Serve an earlier version again. Freezes the task unless the request names another policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTaskPolicy(self, request, context):
+        """Set a task's promotion policy and/or its evolution settings (operators decide how far
+        evolution may go).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promote(self, request, context):
+        """Serve a version now: under POLICY_APPROVE, the pending version an operator accepts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reject(self, request, context):
+        """Refuse a pending version: evolution never serves it, and it is pruned first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchTask(self, request, context):
+        """What happens to tasks as it happens (registered, generation started/finished, pending,
+        promoted, rolled back, rejected, failed, policy changed, deleted), so clients need not poll.
+        Events are kept in the store: `since_id` replays the ones a client missed. The stream ends
+        when the watched task is deleted.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -207,6 +275,26 @@ def add_MunetServicer_to_server(servicer, server):
                     request_deserializer=munet_dot_v1_dot_munet__pb2.RollbackRequest.FromString,
                     response_serializer=munet_dot_v1_dot_munet__pb2.Task.SerializeToString,
             ),
+            'SetTaskPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTaskPolicy,
+                    request_deserializer=munet_dot_v1_dot_munet__pb2.SetTaskPolicyRequest.FromString,
+                    response_serializer=munet_dot_v1_dot_munet__pb2.Task.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=munet_dot_v1_dot_munet__pb2.PromoteRequest.FromString,
+                    response_serializer=munet_dot_v1_dot_munet__pb2.Task.SerializeToString,
+            ),
+            'Reject': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reject,
+                    request_deserializer=munet_dot_v1_dot_munet__pb2.RejectRequest.FromString,
+                    response_serializer=munet_dot_v1_dot_munet__pb2.Task.SerializeToString,
+            ),
+            'WatchTask': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTask,
+                    request_deserializer=munet_dot_v1_dot_munet__pb2.WatchTaskRequest.FromString,
+                    response_serializer=munet_dot_v1_dot_munet__pb2.TaskEvent.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'munet.v1.Munet', rpc_method_handlers)
@@ -216,7 +304,11 @@ def add_MunetServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Munet:
-    """Missing associated documentation comment in .proto file."""
+    """The munet-serve API: predictions, tasks and their examples, evolution, versions and the
+    operator's controls over promotion. Errors are gRPC status codes: NOT_FOUND (unknown task or
+    version), INVALID_ARGUMENT (malformed images, bad names, unknown enum values), ALREADY_EXISTS,
+    FAILED_PRECONDITION (a task still registering, evolution disabled, nothing to roll back to).
+    """
 
     @staticmethod
     def Predict(request,
@@ -478,6 +570,114 @@ class Munet:
             '/munet.v1.Munet/Rollback',
             munet_dot_v1_dot_munet__pb2.RollbackRequest.SerializeToString,
             munet_dot_v1_dot_munet__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTaskPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/munet.v1.Munet/SetTaskPolicy',
+            munet_dot_v1_dot_munet__pb2.SetTaskPolicyRequest.SerializeToString,
+            munet_dot_v1_dot_munet__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/munet.v1.Munet/Promote',
+            munet_dot_v1_dot_munet__pb2.PromoteRequest.SerializeToString,
+            munet_dot_v1_dot_munet__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/munet.v1.Munet/Reject',
+            munet_dot_v1_dot_munet__pb2.RejectRequest.SerializeToString,
+            munet_dot_v1_dot_munet__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/munet.v1.Munet/WatchTask',
+            munet_dot_v1_dot_munet__pb2.WatchTaskRequest.SerializeToString,
+            munet_dot_v1_dot_munet__pb2.TaskEvent.FromString,
             options,
             channel_credentials,
             insecure,
