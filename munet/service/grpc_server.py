@@ -8,12 +8,11 @@ threads so one slow registration never stalls Predict on the event loop.
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
@@ -32,10 +31,10 @@ from munet.errors import FailedPrecondition, InvalidArgument, MunetError
 from munet.service import oip
 from munet.service.auth import GrpcAuthInterceptor, Tokens
 from munet.service.core import UNSPECIFIED, Core, Examples, ImageInput, TaskSpec
+from munet.service.grpc_calls import guarded
 from munet.v1 import munet_pb2 as pb
 from munet.v1 import munet_pb2_grpc as pb_grpc
 
-access = logging.getLogger("munet.access")
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Munet"].full_name  # "munet.v1.Munet"
@@ -229,41 +228,8 @@ def decode_batch(core: Core, batch: pb.ExampleBatch, index: int, size: int) -> E
 # ---- servicer -----------------------------------------------------------------------------------
 
 
-def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Map core errors to their status codes and anything unexpected to INTERNAL, never to a crash."""
-
-    @functools.wraps(method)
-    async def wrapper(self: MunetServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        t0 = time.perf_counter()
-        code = "OK"
-        try:
-            return await method(self, request, context)
-        except MunetError as e:
-            code = e.code
-            await context.abort(grpc.StatusCode.__members__.get(e.code, grpc.StatusCode.INTERNAL), e.message)
-        except grpc.aio.AbortError:
-            raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as e:
-            code = "INTERNAL"
-            log.exception("%s failed", method.__name__)
-            # the client gets the exception type and text, not the traceback (that is in the log)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: "
-                                                          f"{type(e).__name__}: {str(e)[:200]}")
-        finally:
-            if self.core.config.access_log:
-                _access_line(method.__name__, request, code, t0, context)
-
-    return wrapper
-
-
-def _access_line(method: str, request: Any, code: str, t0: float, context: grpc.aio.ServicerContext) -> None:
-    """One line per call, as the HTTP side logs; an error class is a status here, never a traceback."""
-    task = getattr(request, "task", "") or getattr(request, "name", "") if not hasattr(request, "__aiter__") else ""
-    access.info("grpc %s task=%s %s %.1fms peer=%s", method, str(task)[:64] or "-", code,
-                1000 * (time.perf_counter() - t0), context.peer())
+# errors to statuses and the access line, shared with the Open Inference Protocol's servicer
+_rpc = guarded()
 
 
 def _check_upload_end(end: list[pb.UploadEnd], parts: list[Examples]) -> None:

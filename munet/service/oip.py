@@ -16,12 +16,11 @@ KServe's six calls, Triton's model-repository index lists the models (the tasks)
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata as _metadata
 from typing import Any
@@ -34,9 +33,9 @@ from munet.errors import FailedPrecondition, InvalidArgument, MunetError, NotFou
 from munet.inference import grpc_predict_v2_pb2 as pb
 from munet.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from munet.service.core import Core, ImageInput
+from munet.service.grpc_calls import guarded
 from munet.service.runtime import ServedPath
 
-access = logging.getLogger("munet.access")
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPCInferenceService
@@ -421,39 +420,7 @@ def grpc_images(request: pb.ModelInferRequest) -> list[ImageInput]:
     return images_from_tensor(request.model_name, inp.name, inp.datatype, inp.shape, values=values)
 
 
-def _code_of(e: MunetError) -> grpc.StatusCode:
-    return grpc.StatusCode.__members__.get(e.code, grpc.StatusCode.INTERNAL)
-
-
-def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Core errors -> their status codes; anything unexpected -> INTERNAL (logged), never a crash."""
-
-    @functools.wraps(method)
-    async def wrapper(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        t0 = time.perf_counter()
-        code = "OK"
-        try:
-            return await method(self, request, context)
-        except MunetError as e:
-            code = e.code
-            await context.abort(_code_of(e), e.message)
-        except grpc.aio.AbortError:
-            raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as e:
-            code = "INTERNAL"
-            log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: "
-                                                          f"{type(e).__name__}: {str(e)[:200]}")
-        finally:
-            if self.core.config.access_log:
-                model = getattr(request, "model_name", "") or getattr(request, "name", "")
-                access.info("grpc inference.%s model=%s %s %.1fms peer=%s", method.__name__, str(model)[:64] or "-",
-                            code, 1000 * (time.perf_counter() - t0), context.peer())
-
-    return wrapper
+_rpc = guarded("inference.", "model")
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
