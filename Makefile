@@ -13,7 +13,7 @@ BUF_VERSION := 1.50.0
 BUF := $(TOOLS)/node_modules/.bin/buf
 BUF_STAMP := $(TOOLS)/.buf-$(BUF_VERSION)
 
-.PHONY: setup buf run test lint protos pretrain bench-quality bench-serve bench-prefix-cache bench-fuzz bench-flood clean-store bento
+.PHONY: setup buf run test lint protos pretrain bench-quality bench-serve bench-prefix-cache bench-fuzz bench-flood clean-store bento client-dist
 
 setup: $(STAMP) apt-data buf
 
@@ -58,7 +58,7 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: setup
-	$(VENV)/bin/ruff check munet tests
+	$(VENV)/bin/ruff check munet tests clients
 
 # The stubs in munet/v1 and munet/inference are committed; tests/test_protos.py and tests/test_oip.py
 # fail when they drift from the .proto. The KServe v2 (Open Inference Protocol) stubs are generated
@@ -94,3 +94,9 @@ bento: setup
 	@mkdir -p build
 	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml','rb'))['project']; print('\\n'.join(p['dependencies']))" > build/requirements.txt
 	$(VENV)/bin/bentoml build
+
+# The munet-client wheel (build/client/munet_client-*.whl): the sync and async Python clients and the
+# munet.v1 stubs, requiring only grpcio, grpcio-health-checking, protobuf and numpy (clients/python/build.py;
+# tests/test_client_dist.py installs it in a fresh venv and talks to a server with it). Needs no setup.
+client-dist:
+	$$(test -x $(PY) && echo $(PY) || echo $(PYTHON)) clients/python/build.py build/client

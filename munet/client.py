@@ -6,7 +6,19 @@
         print(result.predictions[0][0].label)
 
 Every method returns plain dataclasses, never protos, and raises `MunetClientError` (with the gRPC
-status code's name) for anything the server refuses.
+status code's name) for anything the server refuses. `munet.aio_client.AsyncMunetClient` has the same
+methods on `grpc.aio`.
+
+Images: a path, encoded bytes, or a numpy array. An array of rank 2 is one grayscale image (H, W),
+rank 3 one image (H, W, C) with C = 1, 3 or 4, rank 4 a batch (N, H, W, C); send a grayscale batch as
+(N, H, W, 1) (`x[..., None]`) or as a list of (H, W) arrays. Anything else is a ValueError.
+
+Deadlines and retries: every call has a deadline (`timeout`, or `long_timeout` for the calls that
+train; `watch_task` only when given one). The idempotent calls (Predict, ListTasks, GetTask,
+ListVersions, GetEvolutionStatus, health Check) are retried by gRPC's own retry policy (the channel's
+service config, `SERVICE_CONFIG`) when they fail UNAVAILABLE, up to 4 attempts with exponential
+backoff, all within the call's deadline; the calls that change state are never retried, and neither
+is RESOURCE_EXHAUSTED (the server is overloaded: retrying at once would only add load).
 """
 
 from __future__ import annotations
@@ -28,6 +40,18 @@ from munet.v1 import munet_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# The calls that are safe to send twice: gRPC retries them (on UNAVAILABLE only: a server restarting,
+# a connection refused or dropped) within the call's deadline. Writes (RegisterTask, AddExamples,
+# DeleteTask, Rollback, SetTaskPolicy, Promote, Reject, TriggerEvolution) and the WatchTask stream
+# are not retried: a write the server applied but whose answer was lost must not be applied twice.
+IDEMPOTENT_METHODS = (("munet.v1.Munet", "Predict"), ("munet.v1.Munet", "ListTasks"),
+                      ("munet.v1.Munet", "GetTask"), ("munet.v1.Munet", "ListVersions"),
+                      ("munet.v1.Munet", "GetEvolutionStatus"), ("grpc.health.v1.Health", "Check"))
+RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"]}
+SERVICE_CONFIG = {"methodConfig": [{"name": [{"service": s, "method": m} for s, m in IDEMPOTENT_METHODS],
+                                    "retryPolicy": RETRY_POLICY}]}
 
 # core/npz split codes (0 train, 1 validation, 2 test, -1 let the server choose) -> proto Split
 _SPLITS = {-1: pb.SPLIT_UNSPECIFIED, 0: pb.SPLIT_TRAIN, 1: pb.SPLIT_VALIDATION, 2: pb.SPLIT_TEST}
@@ -256,6 +280,34 @@ def _report(r: pb.GenerationReport) -> GenerationReport:
                             r.examples_processed, r.pending_version, _enum_name(pb.GenerationOutcome, r.outcome))
 
 
+def _predict_result(resp: pb.PredictResponse) -> PredictResult:
+    return PredictResult(resp.task, resp.path_version,
+                         [[LabelScore(s.label, s.index, s.probability) for s in p.top] for p in resp.predictions])
+
+
+def _added(r: pb.AddExamplesResponse) -> AddExamplesResult:
+    return AddExamplesResult(r.task, r.added, r.train, r.validation, r.test, r.total_examples)
+
+
+def _versions(r: pb.ListVersionsResponse) -> Versions:
+    return Versions(r.task, r.current_version, [_path(v) for v in r.versions])
+
+
+def _event(m: pb.TaskEvent) -> TaskEvent:
+    return TaskEvent(m.id, m.task, _enum_name(pb.TaskEventKind, m.kind), m.version,
+                     json.loads(m.detail_json or "{}"), _time(m, "at"))
+
+
+def _health_status(r: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+
+def _rpc_error(e: grpc.RpcError) -> MunetClientError:
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = e.details() if hasattr(e, "details") else str(e)
+    return MunetClientError(code.name if code else "UNKNOWN", details or "")
+
+
 # ---- images -------------------------------------------------------------------------------------
 
 
@@ -269,15 +321,23 @@ def _as_uint8(arr: np.ndarray) -> np.ndarray:
     raise ValueError(f"image arrays must be uint8 or float in [0, 1]; got {arr.dtype}")
 
 
+_BATCH_HINT = ("send a batch as an (N, H, W, C) array (a grayscale batch as (N, H, W, 1), e.g. x[..., None]) "
+               "or as a list of images")
+
+
 def raw_image(arr: np.ndarray) -> pb.Image:
-    """A (H, W) or (H, W, C) array as a RawImage (row-major HWC uint8)."""
-    arr = _as_uint8(np.asarray(arr))
+    """One (H, W) or (H, W, C) array (C = 1, 3 or 4) as a RawImage (row-major HWC uint8)."""
+    arr = np.asarray(arr)
     if arr.ndim == 2:
         h, w, c = *arr.shape, 1
-    elif arr.ndim == 3:
+    elif arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
         h, w, c = arr.shape
+    elif arr.ndim == 3:
+        raise ValueError(f"an array of shape {arr.shape} is not an image: a rank-3 array is one (H, W, C) image "
+                         f"with C = 1, 3 or 4 channels; {_BATCH_HINT}")
     else:
         raise ValueError(f"an image array must be (H, W) or (H, W, C); got shape {arr.shape}")
+    arr = _as_uint8(arr)
     return pb.Image(raw=pb.RawImage(data=np.ascontiguousarray(arr).tobytes(), height=h, width=w, channels=c))
 
 
@@ -293,14 +353,18 @@ def to_image(item: ImageLike) -> pb.Image:
 
 
 def to_images(images: ImageLike | Iterable[ImageLike]) -> list[pb.Image]:
-    """One image or many. A bare array of ndim 3 or 4 is a batch, (N, H, W) or (N, H, W, C), as in .npz
-    files; to send one colour image wrap it in a list."""
+    """One image or many. A bare array of rank 2 is one grayscale image (H, W), of rank 3 one image
+    (H, W, C) with C = 1, 3 or 4, of rank 4 a batch (N, H, W, C); anything else is a ValueError. A grayscale
+    batch is (N, H, W, 1) or a list of (H, W) arrays. A list or other iterable holds one image per item."""
     if isinstance(images, np.ndarray):
-        if images.ndim == 2:
+        if images.ndim in (2, 3):
             return [raw_image(images)]
-        if images.ndim in (3, 4):
+        if images.ndim == 4:
+            if images.shape[3] not in (1, 3, 4):
+                raise ValueError(f"a batch of shape {images.shape} is not (N, H, W, C) with C = 1, 3 or 4 channels")
             return [raw_image(a) for a in images]
-        raise ValueError(f"an image batch must be (N, H, W) or (N, H, W, C); got shape {images.shape}")
+        raise ValueError(f"an image array must be one (H, W) or (H, W, C) image or an (N, H, W, C) batch; got "
+                         f"shape {images.shape}; {_BATCH_HINT}")
     if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)):
         return [to_image(images)]
     return [to_image(i) for i in images]
@@ -348,6 +412,64 @@ def example_batches(x: np.ndarray, y: Sequence[int] | np.ndarray, split: Sequenc
     return gen()
 
 
+def register_requests(name: str, labels: Sequence[str] | None = None, builtin: str | None = None,
+                      npz_file: str | None = None, examples: tuple | None = None, max_examples: int = 0,
+                      seed: int = 0, chunk: int = 256, validation_fraction: float = 0.0, test_fraction: float = 0.0,
+                      root: str = "", policy: str = "auto") -> Iterator[pb.RegisterTaskRequest]:
+    """RegisterTask's request stream: the spec, the examples in `chunk`-image batches, then the UploadEnd
+    that commits them. The spec and the examples are checked now, before anything is sent."""
+    spec = pb.TaskSpec(name=name, labels=list(labels or []), max_examples=max_examples, seed=seed,
+                       validation_fraction=validation_fraction, test_fraction=test_fraction, root=root,
+                       policy=_policy(policy))
+    if builtin:
+        spec.builtin = builtin
+    if npz_file:
+        spec.npz_file = npz_file
+    batches: Iterator[pb.ExampleBatch] = iter(())
+    if examples is not None:
+        x, y, *rest = examples
+        batches = example_batches(x, y, rest[0] if rest else None, chunk)
+
+    def messages() -> Iterator[pb.RegisterTaskRequest]:
+        yield pb.RegisterTaskRequest(spec=spec)
+        sent = 0
+        for b in batches:
+            sent += len(b.examples)
+            yield pb.RegisterTaskRequest(examples=b)
+        yield pb.RegisterTaskRequest(end=pb.UploadEnd(examples=sent))  # commit: all was sent
+
+    return messages()
+
+
+def add_requests(task: str, x: np.ndarray, y: Sequence[int] | np.ndarray,
+                 split: Sequence[int] | np.ndarray | None = None, chunk: int = 256) -> Iterator[pb.AddExamplesRequest]:
+    """AddExamples' request stream (the examples checked now), ending in the UploadEnd that commits them."""
+    batches = example_batches(x, y, split, chunk)
+
+    def messages() -> Iterator[pb.AddExamplesRequest]:
+        first, sent = True, 0
+        for b in batches:
+            sent += len(b.examples)
+            yield pb.AddExamplesRequest(task=task if first else "", examples=b)
+            first = False
+        # commit: all was sent (the first message when there were no examples, naming the task,
+        # so the server says what is wrong)
+        yield pb.AddExamplesRequest(task=task if first else "", end=pb.UploadEnd(examples=sent))
+
+    return messages()
+
+
+def set_policy_request(task: str, policy: str = "", candidates_per_generation: int | None = None,
+                       candidate_budget_seconds: float | None = None,
+                       scale_base: float | None = None) -> pb.SetTaskPolicyRequest:
+    req = pb.SetTaskPolicyRequest(task=task, policy=_policy(policy))
+    if any(v is not None for v in (candidates_per_generation, candidate_budget_seconds, scale_base)):
+        req.evolution.CopyFrom(pb.EvolutionSettings(
+            candidates_per_generation=candidates_per_generation or 0,
+            candidate_budget_seconds=candidate_budget_seconds or 0.0, scale_base=scale_base or 0.0))
+    return req
+
+
 # ---- client -------------------------------------------------------------------------------------
 
 
@@ -381,9 +503,33 @@ class _CallDetails(grpc.ClientCallDetails):
         self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
 
 
+def channel_options() -> list[tuple[str, Any]]:
+    """The channel options both clients use: 64 MiB messages, and gRPC's retries (`SERVICE_CONFIG`) with
+    a retry buffer as large as a message, so that a large Predict is retried too (gRPC does not retry a
+    call whose request outgrew the buffer, 256 KiB by default)."""
+    return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+            ("grpc.per_rpc_retry_buffer_size", MAX_MESSAGE_BYTES)]
+
+
+def channel_credentials(tls_ca: str | os.PathLike | None = None, tls_cert: str | os.PathLike | None = None,
+                        tls_key: str | os.PathLike | None = None) -> grpc.ChannelCredentials | None:
+    """TLS credentials from PEM files (None: a plaintext channel). `tls_ca` "" or "system": the system's roots."""
+    if tls_ca is None and tls_cert is None:
+        return None
+
+    def read(p):
+        return Path(p).read_bytes() if p not in (None, "", "system") else None
+
+    return grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
+
+
 class MunetClient:
     """Synchronous client. `timeout` bounds ordinary calls; `long_timeout` bounds the ones that train
-    (RegisterTask, Rollback, TriggerEvolution with wait)."""
+    (RegisterTask, Rollback, Promote, TriggerEvolution with wait). Idempotent calls are retried on
+    UNAVAILABLE within their deadline (see the module's docstring)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, timeout: float = 30.0, long_timeout: float = 1800.0,
                  token: str | None = None, tls_ca: str | os.PathLike | None = None,
@@ -394,16 +540,11 @@ class MunetClient:
         self.target = target
         self.timeout = timeout
         self.long_timeout = long_timeout
-        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-        if tls_ca is not None or tls_cert is not None:
-            def read(p):
-                return Path(p).read_bytes() if p not in (None, "", "system") else None
-
-            creds = grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
-            channel = grpc.secure_channel(target, creds, options=options)
+        creds = channel_credentials(tls_ca, tls_cert, tls_key)
+        if creds is not None:
+            channel = grpc.secure_channel(target, creds, options=channel_options())
         else:
-            channel = grpc.insecure_channel(target, options=options)
+            channel = grpc.insecure_channel(target, options=channel_options())
         self._raw_channel = channel
         if token:
             channel = grpc.intercept_channel(channel, _Bearer(token))
@@ -431,19 +572,15 @@ class MunetClient:
         try:
             return rpc(request, timeout=timeout if timeout is not None else self.timeout)
         except grpc.RpcError as e:
-            code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-            details = e.details() if hasattr(e, "details") else str(e)
-            raise MunetClientError(code.name if code else "UNKNOWN", details or "") from None
+            raise _rpc_error(e) from None
 
     # ---- predict ----------------------------------------------------------------------------
 
     def predict(self, task: str, images: ImageLike | Iterable[ImageLike], top_k: int = 1,
                 timeout: float | None = None, version: int = 0) -> PredictResult:
         """Classify images with the task's current path, or with the kept path `version` (0 = current)."""
-        resp = self._call(self._stub.Predict, pb.PredictRequest(task=task, images=to_images(images), top_k=top_k,
-                                                                version=version), timeout)
-        return PredictResult(resp.task, resp.path_version,
-                             [[LabelScore(s.label, s.index, s.probability) for s in p.top] for p in resp.predictions])
+        req = pb.PredictRequest(task=task, images=to_images(images), top_k=top_k, version=version)
+        return _predict_result(self._call(self._stub.Predict, req, timeout))
 
     # ---- tasks ------------------------------------------------------------------------------
 
@@ -458,46 +595,17 @@ class MunetClient:
         array or a list of image files, encoded bytes or arrays of any sizes). Blocks while the
         server trains the task's first path. `root` picks the root to grow from (default: the server's);
         `policy` is its promotion policy (auto, approve, frozen)."""
-        spec = pb.TaskSpec(name=name, labels=list(labels or []), max_examples=max_examples, seed=seed,
-                           validation_fraction=validation_fraction, test_fraction=test_fraction, root=root,
-                           policy=_policy(policy))
-        if builtin:
-            spec.builtin = builtin
-        if npz_file:
-            spec.npz_file = npz_file
-        batches: Iterator[pb.ExampleBatch] = iter(())
-        if examples is not None:
-            x, y, *rest = examples
-            batches = example_batches(x, y, rest[0] if rest else None, chunk)
-
-        def messages() -> Iterator[pb.RegisterTaskRequest]:
-            yield pb.RegisterTaskRequest(spec=spec)
-            sent = 0
-            for b in batches:
-                sent += len(b.examples)
-                yield pb.RegisterTaskRequest(examples=b)
-            yield pb.RegisterTaskRequest(end=pb.UploadEnd(examples=sent))  # commit: all was sent
-
-        return _task(self._call(self._stub.RegisterTask, messages(),
+        messages = register_requests(name, labels, builtin, npz_file, examples, max_examples, seed, chunk,
+                                     validation_fraction, test_fraction, root, policy)
+        return _task(self._call(self._stub.RegisterTask, messages,
                                 timeout if timeout is not None else self.long_timeout))
 
     def add_examples(self, task: str, x: np.ndarray, y: Sequence[int] | np.ndarray,
                      split: Sequence[int] | np.ndarray | None = None, chunk: int = 256,
                      timeout: float | None = None) -> AddExamplesResult:
-        batches = example_batches(x, y, split, chunk)
-
-        def messages() -> Iterator[pb.AddExamplesRequest]:
-            first, sent = True, 0
-            for b in batches:
-                sent += len(b.examples)
-                yield pb.AddExamplesRequest(task=task if first else "", examples=b)
-                first = False
-            # commit: all was sent (the first message when there were no examples, naming the task,
-            # so the server says what is wrong)
-            yield pb.AddExamplesRequest(task=task if first else "", end=pb.UploadEnd(examples=sent))
-
-        r = self._call(self._stub.AddExamples, messages(), timeout)
-        return AddExamplesResult(r.task, r.added, r.train, r.validation, r.test, r.total_examples)
+        """Add labelled examples to a task: x an (N, H, W[, C]) array or a list of images, y (N,) labels,
+        `split` (N,) codes (0 train, 1 validation, 2 test, -1 the server's choice)."""
+        return _added(self._call(self._stub.AddExamples, add_requests(task, x, y, split, chunk), timeout))
 
     def list_tasks(self, timeout: float | None = None) -> list[Task]:
         return [_task(t) for t in self._call(self._stub.ListTasks, pb.ListTasksRequest(), timeout).tasks]
@@ -511,8 +619,7 @@ class MunetClient:
     # ---- versions and evolution -------------------------------------------------------------
 
     def list_versions(self, task: str, timeout: float | None = None) -> Versions:
-        r = self._call(self._stub.ListVersions, pb.ListVersionsRequest(task=task), timeout)
-        return Versions(r.task, r.current_version, [_path(v) for v in r.versions])
+        return _versions(self._call(self._stub.ListVersions, pb.ListVersionsRequest(task=task), timeout))
 
     def rollback(self, task: str, version: int = 0, policy: str = "", timeout: float | None = None) -> Task:
         """Serve an earlier version again (0: the one before the current). The task is then frozen,
@@ -525,26 +632,23 @@ class MunetClient:
                         timeout: float | None = None) -> Task:
         """Set a task's promotion policy ("auto", "approve", "frozen"; "" keeps it) and, when any is
         given, its evolution settings (each None or 0 = the server's default)."""
-        req = pb.SetTaskPolicyRequest(task=task, policy=_policy(policy))
-        if any(v is not None for v in (candidates_per_generation, candidate_budget_seconds, scale_base)):
-            req.evolution.CopyFrom(pb.EvolutionSettings(
-                candidates_per_generation=candidates_per_generation or 0,
-                candidate_budget_seconds=candidate_budget_seconds or 0.0, scale_base=scale_base or 0.0))
+        req = set_policy_request(task, policy, candidates_per_generation, candidate_budget_seconds, scale_base)
         return _task(self._call(self._stub.SetTaskPolicy, req, timeout))
 
     def watch_task(self, task: str = "", since_id: int = 0, timeout: float | None = None) -> Iterator[TaskEvent]:
         """Events as they happen to `task` (or every task): generations, pending versions, promotions,
         rollbacks, failures. `since_id` first replays the stored events from that id on (1: all kept;
-        0: none). Ends when the task is deleted, at `timeout` (DEADLINE_EXCEEDED), or when the caller
-        stops iterating."""
+        0: none). The one call without a default deadline (a watch is meant to last): it ends when the
+        task is deleted, when the caller stops iterating (or closes the generator), or at `timeout`
+        seconds with MunetClientError("DEADLINE_EXCEEDED"). It is not retried: resume after an error
+        with `since_id` = the last event's id + 1."""
         call = self._stub.WatchTask(pb.WatchTaskRequest(task=task, since_id=since_id), timeout=timeout)
         try:
             for m in call:
-                yield TaskEvent(m.id, m.task, _enum_name(pb.TaskEventKind, m.kind), m.version,
-                                json.loads(m.detail_json or "{}"), _time(m, "at"))
+                yield _event(m)
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.CANCELLED:
-                raise MunetClientError(e.code().name, e.details() or "") from None
+                raise _rpc_error(e) from None
         finally:
             call.cancel()
 
@@ -571,10 +675,10 @@ class MunetClient:
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The grpc.health.v1 status name: SERVING, NOT_SERVING, ... ("" is the whole server)."""
-        r = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+        return _health_status(self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout))
 
 
-__all__ = ["DEFAULT_TARGET", "AddExamplesResult", "EvolutionStatus", "GenerationReport", "LabelScore",
-           "ModuleInfo", "MunetClient", "MunetClientError", "PathVersion", "PredictResult", "Task", "Versions",
-           "check_examples", "example_batches", "raw_image", "to_image", "to_images"]
+__all__ = ["DEFAULT_TARGET", "SERVICE_CONFIG", "AddExamplesResult", "EvolutionStatus", "GenerationReport", "LabelScore",
+           "ModuleInfo", "MunetClient", "MunetClientError", "PathVersion", "PredictResult", "Task", "TaskEvent",
+           "Versions", "channel_credentials", "channel_options", "check_examples", "example_batches", "raw_image",
+           "to_image", "to_images"]

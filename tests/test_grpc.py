@@ -139,7 +139,7 @@ def test_uploaded_examples_register_a_task(served: Served) -> None:
     assert task.source == "upload" and task.labels[3] == "d3"
     assert task.train_examples + task.validation_examples + task.test_examples == 300
     assert task.validation_examples >= 60 and task.test_examples >= 40
-    r = served.client.predict("uploaded", gray[:5])
+    r = served.client.predict("uploaded", list(gray[:5]))  # five (H, W) images; a bare (5, H, W) is refused
     assert r.version == task.current_version and len(r.predictions) == 5
     assert r.predictions[0][0].label.startswith("d")
 

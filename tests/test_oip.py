@@ -289,7 +289,7 @@ def test_grpc_infer_gives_munet_predict_probabilities(server, gclient):
     # grayscale [N, H, W] and RGBA [N, H, W, 4]
     gray = _digits()
     np.testing.assert_allclose(gclient.infer(TASK, [_ginput(gray)], headers=auth()).as_numpy("probabilities"),
-                               _munet(server, gray)[0], rtol=0, atol=1e-6)
+                               _munet(server, list(gray))[0], rtol=0, atol=1e-6)
     rgba = np.concatenate([RGB, np.full(RGB.shape[:3] + (1,), 200, np.uint8)], axis=3)
     np.testing.assert_allclose(gclient.infer(TASK, [_ginput(rgba)], headers=auth()).as_numpy("probabilities"),
                                _munet(server, list(rgba))[0], rtol=0, atol=1e-6)
@@ -392,7 +392,7 @@ def test_http_infer_binary_and_json_give_munet_predict_probabilities(server, hcl
     # a compressed request, grayscale, and version 2
     gray = _digits()
     r = hclient.infer(TASK, [_hinput(gray)], headers=auth(), request_compression_algorithm="gzip")
-    np.testing.assert_allclose(r.as_numpy("probabilities"), _munet(server, gray)[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(r.as_numpy("probabilities"), _munet(server, list(gray))[0], rtol=0, atol=1e-6)
     r = hclient.infer(TASK, [_hinput(RGB)], model_version="2", headers=auth())
     np.testing.assert_allclose(r.as_numpy("probabilities"), _munet(server, list(RGB), version=2)[0],
                                rtol=0, atol=1e-6)

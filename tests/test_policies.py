@@ -23,7 +23,7 @@ from tests.conftest import register_digits
 
 pytestmark = pytest.mark.slow
 
-X = np.random.default_rng(7).integers(0, 256, (6, 8, 8), dtype=np.uint8)
+X = np.random.default_rng(7).integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)  # six grayscale images
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,10 @@ def _images(images: list[str] | None, arrays: list[Any] | None) -> list[ImageInp
             raise InvalidArgument(f"arrays[{i}] is not a rectangular array") from None
         if arr.ndim not in (2, 3) or arr.size == 0 or not np.issubdtype(arr.dtype, np.number):
             raise InvalidArgument(f"arrays[{i}] must be an (H, W) or (H, W, C) array of numbers")
+        if arr.ndim == 3 and arr.shape[2] not in (1, 3, 4):
+            # the Python client's rule: rank 3 is one image, never a batch of grayscale ones
+            raise InvalidArgument(f"arrays[{i}] has shape {list(arr.shape)}: an (H, W, C) image has C = 1, 3 or 4 "
+                                  "channels; send a batch as one (H, W) or (H, W, C) array per image")
         if not np.isfinite(arr).all():
             raise InvalidArgument(f"arrays[{i}] holds NaN or infinity")
         if arr.min() < 0 or arr.max() > 255:
