@@ -443,3 +443,7 @@ def test_oip_requests_are_counted_by_protocol(server, gclient, hclient):
               and f'protocol="{protocol}"' in line and f'task="{TASK}"' in line and 'code="OK"' in line]
         assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 1, protocol
         assert re.search(rf'munet_request_latency_seconds_count{{[^}}]*protocol="{protocol}"', text), protocol
+        # and Triton's split of the server's time, as for munet.v1
+        for part in ("queue", "compute", "overhead"):
+            m = re.search(rf'munet_request_{part}_seconds_count{{[^}}]*protocol="{protocol}"[^}}]*}} (\S+)', text)
+            assert m and float(m.group(1)) >= 1, (part, protocol)

@@ -301,9 +301,11 @@ def make_outputs(path: ServedPath, probs: np.ndarray, outputs: Sequence[Requeste
 
 
 async def infer(core: Core, task: str, version: str, images: list[ImageInput], outputs: Sequence[RequestedOutput],
-                timeout: float | None) -> tuple[ServedPath, list[OutputTensor]]:
+                timeout: float | None, timing: dict[str, float] | None = None
+                ) -> tuple[ServedPath, list[OutputTensor]]:
     check_outputs(task, outputs)
-    path, probs = await core.probabilities(task, images, timeout=timeout, version=parse_version(version))
+    path, probs = await core.probabilities(task, images, timeout=timeout, version=parse_version(version),
+                                           timing=timing)
     return path, make_outputs(path, probs, outputs)
 
 
@@ -376,10 +378,13 @@ def metric_task(core: Core, task: str) -> str:
     return task if core.runtime.get(task) is not None else "unknown"
 
 
-def observe(core: Core, task: str, protocol: str, code: str, t0: float) -> None:
+def observe(core: Core, task: str, protocol: str, code: str, t0: float, timing: dict[str, float] | None = None) -> None:
+    """A request's count and latency, and (when it reached ONNX Runtime) its queue/compute/overhead split."""
+    total = time.perf_counter() - t0
     label = metric_task(core, task)
     metrics.REQUESTS.labels(label, protocol, code).inc()
-    metrics.LATENCY.labels(label, protocol).observe(time.perf_counter() - t0)
+    metrics.LATENCY.labels(label, protocol).observe(total)
+    metrics.observe_split(protocol, total, timing or {})
 
 
 # ---- gRPC ---------------------------------------------------------------------------------------
@@ -464,6 +469,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                          ) -> pb.ModelInferResponse:
         t0 = time.perf_counter()
         code = "INTERNAL"
+        timing: dict[str, float] = {}
         try:
             self.core.served(request.model_name)  # an unknown model is NOT_FOUND whatever its inputs
             timeout = check_request_parameters(param_dict(request.parameters))
@@ -473,7 +479,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs = [requested_output(o.name, param_dict(o.parameters)) for o in request.outputs]
             images = grpc_images(request)
             path, tensors = await infer(self.core, request.model_name, request.model_version, images, outputs,
-                                        timeout)
+                                        timeout, timing)
             resp = pb.ModelInferResponse(model_name=request.model_name, model_version=str(path.version),
                                          id=request.id)
             for t in tensors:
@@ -488,7 +494,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             code = "CANCELLED"
             raise
         finally:
-            observe(self.core, request.model_name, "oip-grpc", code, t0)
+            observe(self.core, request.model_name, "oip-grpc", code, t0, timing)
 
 
     @_rpc

@@ -252,6 +252,7 @@ def create_app(get_core: Callable[[], Core], max_body: int = MAX_DECOMPRESSED) -
 
     async def infer(request: Request) -> Response:
         t0 = time.perf_counter()
+        timing: dict[str, float] = {}
         core = get_core()
         task, version = request.path_params["task"], request.path_params.get("version", "")
         code = "INTERNAL"
@@ -266,7 +267,7 @@ def create_app(get_core: Callable[[], Core], max_body: int = MAX_DECOMPRESSED) -
             timeout = oip.check_request_parameters(_dict(header.get("parameters"), "parameters"))
             outputs, default_binary = http_outputs(header)
             images = http_images(task, header, tail)
-            path, tensors = await oip.infer(core, task, version, images, outputs, timeout)
+            path, tensors = await oip.infer(core, task, version, images, outputs, timeout, timing)
             code = "OK"
             return infer_response(task, path.version, request_id, tensors, default_binary)
         except MunetError as e:
@@ -279,7 +280,7 @@ def create_app(get_core: Callable[[], Core], max_body: int = MAX_DECOMPRESSED) -
             log.exception("OIP infer on %s failed", task)
             return error(500, f"internal error: {type(e).__name__}: {str(e)[:200]}")
         finally:
-            oip.observe(core, task, "oip-http", code, t0)
+            oip.observe(core, task, "oip-http", code, t0, timing)
 
     routes = [
         Route("/v2", server_metadata, methods=["GET"]),
