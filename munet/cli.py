@@ -265,7 +265,7 @@ def serve(
                 echo(f"  {k} = {v}")
         return EXIT_OK
 
-    argv = [sys.executable, "-m", "bentoml", "serve", "munet.service.http:MunetService",
+    argv = [sys.executable, "-m", "bentoml", "serve", "munet.server:MunetService",
             "--host", cfg.host, "--port", str(cfg.http_port)]
     if cfg.tls_cert and cfg.tls_key:
         argv += ["--ssl-certfile", str(cfg.tls_cert), "--ssl-keyfile", str(cfg.tls_key)]

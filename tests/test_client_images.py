@@ -69,7 +69,7 @@ def test_labelled_examples_stay_batches():
 
 def test_http_arrays_follow_the_same_rule():
     from munet.errors import InvalidArgument
-    from munet.service.http import _images
+    from munet.server import _images
 
     [one] = _images(None, [np.zeros((4, 5, 3), np.uint8).tolist()])
     assert (one.height, one.width, one.channels) == (4, 5, 3)

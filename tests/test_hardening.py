@@ -175,7 +175,7 @@ def test_a_flood_is_refused_at_once_and_other_tasks_keep_their_turn(make_app, mo
 def test_429_answers_carry_retry_after():
     import asyncio
 
-    from munet.service.http import RetryAfterMiddleware
+    from munet.server import RetryAfterMiddleware
 
     sent = []
 
@@ -300,7 +300,7 @@ def test_npz_names_never_reach_outside_the_import_directory(server, tmp_path, na
 
 def test_http_arrays_with_nan_or_fractions_are_refused():
     from munet.errors import InvalidArgument
-    from munet.service.http import _images
+    from munet.server import _images
 
     with pytest.raises(InvalidArgument, match="NaN"):
         _images(None, [[[float("nan"), 1.0], [2.0, 3.0]]])
@@ -312,7 +312,7 @@ def test_http_arrays_with_nan_or_fractions_are_refused():
 def test_an_oversized_http_body_gets_413_before_it_is_read():
     import asyncio
 
-    from munet.service.http import BodyLimitMiddleware
+    from munet.server import BodyLimitMiddleware
 
     sent, reached = [], []
 
@@ -346,7 +346,7 @@ def test_http_client_errors_are_logged_as_one_line():
 
     from bentoml.exceptions import BentoMLException
 
-    from munet.service.http import ClientErrorsAsOneLine
+    from munet.server import ClientErrorsAsOneLine
 
     def record(status: int) -> logging.LogRecord:
         from http import HTTPStatus

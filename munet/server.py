@@ -1,5 +1,6 @@
 """The process we ship: a BentoML service that owns the core, serves HTTP on :3000 and, from its
-startup hook, the gRPC server and the evolution scheduler on the same core objects.
+startup hook, the gRPC server and the evolution scheduler on the same core objects. It composes
+transport, core and evolution, so it lives outside `service/` (transport, batching, ONNX Runtime).
 
 BentoML 1.4 serves no gRPC for new-style services (bentoml/BentoML#4634), so gRPC is our own
 `grpc.aio` server on uvicorn's event loop. With several HTTP workers, only worker 1 runs gRPC and
