@@ -8,7 +8,10 @@ from typing import Any
 
 import numpy as np
 
-SPLIT_NAMES = {"train": 0, "validation": 1, "test": 2, "auto": -1}
+from munet.data.splits import SPLIT_NAMES, UNSPECIFIED
+
+# `--split` values: the split names, and "auto" for the server's choice
+SPLIT_ARGS = {name: code for code, name in SPLIT_NAMES.items()} | {"auto": UNSPECIFIED}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -22,17 +25,18 @@ class CliError(Exception):
         self.exit_code = exit_code
 
 
-def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str]]:
-    """x, y, optional split and label names from a local .npz (the server's import format)."""
+def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """x, y, split codes (UNSPECIFIED where the file has none) and label names from a local .npz,
+    read and checked as the server reads one (munet.data.examples.read_npz), so a bad file is refused
+    here, before any upload."""
+    from munet.data.examples import InvalidExamples, read_npz
+
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not {"x", "y"} <= set(z.files):
-                raise CliError(f"{path} must hold arrays 'x' and 'y'; it has {sorted(z.files)}")
-            split = z["split"] if "split" in z.files else None
-            names = [str(n) for n in z["label_names"]] if "label_names" in z.files else []
-            return z["x"], z["y"], split, names
-    except (OSError, ValueError) as e:
-        raise CliError(f"cannot read {path}: {e}") from None
+        return read_npz(Path(path).read_bytes(), str(path))
+    except OSError as e:
+        raise CliError(f"cannot read {path}: {e.strerror or e}") from None
+    except InvalidExamples as e:
+        raise CliError(str(e)) from None
 
 
 def labels_arg(text: str | None) -> list[str] | None:
@@ -75,7 +79,7 @@ def images_as_examples(c: Any, task_name: str, images: Sequence[str], label: str
         except (OSError, InvalidImage) as e:
             raise CliError(f"cannot read image {path}: {e}") from None
     n = len(xs)
-    return np.stack(xs), np.full(n, index), np.full(n, SPLIT_NAMES[split])
+    return np.stack(xs), np.full(n, index), np.full(n, SPLIT_ARGS[split])
 
 
 def plot_generations(reports: list, path: str) -> None:

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from munet.bench import quality
+from benchmarks import quality
+from benchmarks.quality_settings import METHODS, QUICK_TASKS
 from munet.data.builtin import available_builtins
 from munet.models.roots import mobilenet_weights_path
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.slow
 def test_quick_run_reports_every_method_for_every_task(tmp_path):
     # `make setup` installs the root's weights and the data: a missing one is a failure, not a skip
     assert mobilenet_weights_path().is_file()
-    missing = [t for t in quality.QUICK_TASKS if t not in available_builtins()]
+    missing = [t for t in QUICK_TASKS if t not in available_builtins()]
     assert not missing, f"data not installed (run make setup): {missing}"
 
     assert quality.main(["--quick", "--out", str(tmp_path)]) == 0
@@ -26,15 +27,22 @@ def test_quick_run_reports_every_method_for_every_task(tmp_path):
     written = {p.suffix: p for p in tmp_path.iterdir()}
     assert {".json", ".md", ".png"} <= set(written)
     r = json.loads(written[".json"].read_text())
-    assert r["tasks"] == quality.QUICK_TASKS
+    assert r["tasks"] == QUICK_TASKS
     assert r["root"]["name"] == "mobilenet_v2_imagenet" and r["root"]["image_size"] == 96
-    for task in quality.QUICK_TASKS:
+    for task in QUICK_TASKS:
         row = r["results"][task]
-        for method in quality.METHODS:
+        for method in METHODS:
             acc = row[method]["test_accuracy"]
             assert isinstance(acc, float) and not math.isnan(acc) and 0.0 <= acc <= 1.0, (task, method, acc)
-        assert row["identity"]["bit_identical"] is True, task  # earlier tasks' answers never change
-        assert row["identity"]["inputs"] > 0
-    assert r["summary"]["identity_checked"] == len(quality.QUICK_TASKS)
+        # earlier tasks' answers never change: the same version, every probability bit for bit
+        ident = row["identity"]
+        assert ident["inputs"] > 0 and ident["checked_after"] == QUICK_TASKS[-1]
+        assert ident["bit_identical"] is True and ident["max_abs_diff"] == 0.0, (task, ident)
+        assert ident["version_now"] == ident["version_then"], (task, ident)
+        # parameters per task are the server's own accounting, and a share of the task's path
+        munet = row["munet"]
+        assert 0 < munet["accounted_params"] <= munet["path_params"], (task, munet)
+    assert r["summary"]["identity_checked"] == len(QUICK_TASKS)
+    assert r["summary"]["all_bit_identical"] is True
     md = written[".md"].read_text()
     assert "| **average** |" in md and "target met" in md.lower()

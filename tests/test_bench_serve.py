@@ -11,15 +11,27 @@ import json
 import psutil
 import pytest
 
-from munet.bench import serve
+from benchmarks import serve
+from munet import cli
 from munet.models.roots import mobilenet_weights_path
-
-pytestmark = pytest.mark.slow
 
 ROWS = {"raw_chain_b1", "raw_chain_b64", "raw_merged_b1", "raw_merged_b64", "grpc_b1", "grpc_b64", "grpc_conc",
         "bento_b1", "bento_b64", "bento_conc", "grpc_conc_10", "grpc_mixed"}
 
 
+def test_bench_commands_outside_a_checkout_say_where_the_benchmarks_are(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_checkout", lambda: None)
+    assert cli.main(["bench", "serve", "--help"]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "benchmarks live in the repository's benchmarks/ folder; run from a checkout" in err
+
+
+def test_bench_commands_in_a_checkout_reach_the_benchmarks(capsys):
+    assert cli.main(["bench", "serve", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: munet bench serve")
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_quick_bench_serve_end_to_end(tmp_path):
     assert mobilenet_weights_path().is_file()  # installed by `make setup`: missing is a failure

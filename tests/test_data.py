@@ -1,8 +1,10 @@
-"""Image decoding, splits, built-in data sets and the committed root checkpoint."""
+"""Image decoding, splits, the examples container and .npz format, built-in data sets and the committed
+root checkpoint."""
 
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -10,10 +12,12 @@ import torch
 from PIL import Image
 
 from munet.data.builtin import BUILTIN, available_builtins, load_builtin
+from munet.data.examples import Examples, InvalidExamples, npz_examples, read_npz
 from munet.data.images import InvalidImage, batch_to_rgb, decode_image, from_raw, to_model_input, to_rgb
 from munet.data.splits import (
     TEST,
     TRAIN,
+    UNSPECIFIED,
     VALIDATION,
     split_groups,
     split_indices,
@@ -196,6 +200,63 @@ def test_stratified_subsample_keeps_shares():
     assert np.array_equal(idx, stratified_subsample(y, 100, 0))
 
 
+# ---- the examples container and the .npz format ----------------------------------------------
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_examples_concat_subset_and_part_keep_rows_together():
+    a = Examples(np.full((3, 4, 4, 3), 1, np.uint8), np.array([0, 1, 2]), np.array([TRAIN, TEST, VALIDATION], np.int8),
+                 ["a", "b", "c"])
+    b = Examples(np.full((2, 4, 4, 3), 2, np.uint8), np.array([1, 1]), np.full(2, UNSPECIFIED, np.int8))
+    both = Examples.concat([b, a], size=4)
+    assert len(both) == 5 and both.labels == ["a", "b", "c"]  # the names of the part that has them
+    assert both.split.tolist() == [UNSPECIFIED, UNSPECIFIED, TRAIN, TEST, VALIDATION]
+    test = both.part(TEST)
+    assert len(test) == 1 and test.y.tolist() == [1] and (test.x == 1).all()
+    assert len(Examples.concat([], size=4)) == 0 and Examples.empty(4).x.shape == (0, 4, 4, 3)
+
+
+def test_npz_round_trip_with_and_without_a_split():
+    x = rng.integers(0, 256, (6, 8, 8), dtype=np.uint8)
+    y = np.array([0, 1, 2, 0, 1, 2], np.int32)
+    ex = npz_examples(_npz(x=x, y=y, label_names=np.array(["z", "o", "t"])), size=16)
+    assert ex.x.shape == (6, 16, 16, 3) and ex.y.dtype == np.int64 and ex.y.tolist() == y.tolist()
+    assert ex.labels == ["z", "o", "t"] and (ex.split == UNSPECIFIED).all()
+    assert np.array_equal(ex.x, batch_to_rgb(x, 16))  # the same conversion a client's images get
+    split = np.array([TRAIN, TRAIN, VALIDATION, TEST, TRAIN, VALIDATION])
+    xs, ys, codes, names = read_npz(_npz(x=x, y=y, split=split))
+    assert np.array_equal(xs, x) and codes.dtype == np.int8 and codes.tolist() == split.tolist() and names == []
+
+
+@pytest.mark.parametrize(("arrays", "why"), [
+    (dict(x=np.zeros((2, 8, 8), np.uint8)), "'y'"),
+    (dict(x=np.zeros((2, 8, 8), np.uint8), y=np.array([0.5, 1.0])), "integers"),
+    (dict(x=np.zeros((2, 8, 8), np.uint8), y=np.zeros(3, np.int64)), "x must be"),
+    (dict(x=np.zeros((2, 8, 8), np.uint8), y=np.zeros(2, np.int64), split=np.array([0, 3])), "2 (test)"),
+    (dict(x=np.array([object()] * 2, dtype=object), y=np.zeros(2, np.int64)), "plain arrays"),
+])
+def test_bad_npz_files_are_refused_with_the_reason(arrays, why):
+    with pytest.raises(InvalidExamples, match=re.escape(why)) as e:
+        read_npz(_npz(**arrays), "bad.npz")
+    assert str(e.value).startswith("bad.npz")  # names the file it read
+
+
+def test_npz_declared_size_is_checked_before_inflating_and_a_lone_array_is_refused():
+    data = _npz(x=np.zeros((64, 64, 64), np.uint8), y=np.zeros(64, np.int64))
+    with pytest.raises(InvalidExamples, match="max_npz_bytes"):
+        read_npz(data, max_bytes=10_000)
+    assert len(read_npz(data, max_bytes=1 << 20)[1]) == 64
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(InvalidExamples, match="archive"):
+        read_npz(buf.getvalue())
+
+
 # ---- built-in data sets ---------------------------------------------------------------------
 
 
@@ -208,7 +269,17 @@ def _check_labelled(d, n_classes):
 def test_uci_digits():
     d = load_builtin("uci_digits")
     _check_labelled(d, 10)
-    assert len(d) == 1797 and d.split is None and d.labels[3] == "3"
+    assert len(d) == 1797 and d.labels[3] == "3"
+    # no split of its own: every example's split is the server's to assign, seeded per task
+    assert d.split.dtype == np.int8 and (d.split == UNSPECIFIED).all()
+
+
+def test_a_sample_of_an_unsplit_set_keeps_each_class_share():
+    d = load_builtin("uci_digits", max_examples=500, seed=3)
+    assert len(d) == 500 and (d.split == UNSPECIFIED).all()
+    shares = np.bincount(d.y, minlength=10) / 500
+    full = np.bincount(load_builtin("uci_digits").y, minlength=10) / 1797
+    assert np.abs(shares - full).max() < 0.01
 
 
 def test_mnist_subsample_keeps_official_split_and_classes():

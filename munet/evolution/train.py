@@ -16,6 +16,7 @@ from torch import nn
 from munet.data.images import to_model_input
 from munet.models.export import ensure_onnx
 from munet.models.store import Store
+from munet.models.training import accuracy, cosine, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -101,24 +102,6 @@ class FrozenRunner:
         return torch.cat(outs)
 
 
-@torch.no_grad()
-def predict_classes(model: nn.Module, feats: torch.Tensor, batch: int = 512) -> np.ndarray:
-    model.eval()
-    out = [model(feats[i:i + batch].float()).argmax(1).numpy() for i in range(0, len(feats), batch)]
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, feats: torch.Tensor, y: np.ndarray, batch: int = 512) -> float:
-    if len(y) == 0:
-        return 0.0
-    model.eval()
-    correct = 0
-    for i in range(0, len(feats), batch):
-        correct += int((model(feats[i:i + batch].float()).argmax(1).numpy() == y[i:i + batch]).sum())
-    return correct / len(y)
-
-
 def fit_head(
     features: torch.Tensor,
     y: np.ndarray,
@@ -140,7 +123,7 @@ def fit_head(
     steps = max(1, epochs * math.ceil(len(yt) / batch))
     warm = max(1, steps // 10)
     def factor(s: int) -> float:  # linear warm-up, then cosine to zero
-        return (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+        return warmup_cosine(s, steps, warm, 1.0)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     g = torch.Generator().manual_seed(seed)
@@ -227,7 +210,7 @@ def lr_at(step: int, total: int, hp: dict, restarts: int = 3) -> float:
         t = (step % cycle) / cycle
     else:
         t = (step - warm) / max(1, total - warm)
-    return 0.5 * lr * (1 + math.cos(math.pi * min(1.0, t)))
+    return cosine(t, lr)
 
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +28,7 @@ from munet.data.builtin import load_builtin
 from munet.data.splits import TEST, TRAIN, VALIDATION, split_indices, stratified_subsample
 from munet.models.modules import count_params, module_config
 from munet.models.roots import save_root
+from munet.models.training import accuracy, warmup_cosine
 from munet.models.vit import Chain, RootModel, ViTConfig
 
 DEFAULT_ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -85,13 +85,6 @@ def _accuracies(logits: np.ndarray, y: np.ndarray, lo: int) -> dict[str, float]:
     }
 
 
-def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def pretrain(
     out_dir: Path = DEFAULT_ASSETS,
     epochs: int = 2,
@@ -144,7 +137,7 @@ def pretrain(
             xb = _random_shift(_to_tensor(x_train[idx]), gen)
             yb = torch.from_numpy(y_train[idx])
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, warmup, lr)
+                g["lr"] = warmup_cosine(step, total, warmup, lr)
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
@@ -158,7 +151,7 @@ def pretrain(
             if b % 20 == 0:
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                                 lr=f"{opt.param_groups[0]['lr']:.2e}")
-        val_acc = float((_predict(model, data["x_val"]).argmax(1) == data["y_val"]).mean())
+        val_acc = accuracy(model, _to_tensor(data["x_val"]), data["y_val"], batch=1000)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                         "val_accuracy": val_acc, "elapsed_s": round(time.perf_counter() - t0, 1)})
         print(json.dumps(history[-1]), flush=True)

@@ -9,8 +9,8 @@ from one run on this machine; the ratio is the speed-up.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import os
 import platform
 import time
 from datetime import UTC, datetime
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks.common import cpu_model
 from munet.data.builtin import load_builtin
 from munet.data.images import to_model_input
 from munet.data.splits import TRAIN, VALIDATION, split_indices
@@ -91,15 +92,8 @@ def run(task: str, n_train: int, steps: int, cloned: int, batch: int, threads: i
 
 
 def _machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):  # no /proc: the CPU stays "unknown"
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import os
-
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, torch {torch.__version__}"
+    return (f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
+            f"torch {torch.__version__}")
 
 
 def table(r: dict) -> str:

@@ -19,12 +19,12 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -32,6 +32,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from benchmarks.common import free_port
 from munet.client import MunetClient
 from munet.v1 import munet_pb2 as pb
 from munet.v1 import munet_pb2_grpc as pb_grpc
@@ -39,12 +40,6 @@ from munet.v1 import munet_pb2_grpc as pb_grpc
 CLEAR_GRPC = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "ALREADY_EXISTS",
               "UNAUTHENTICATED", "PERMISSION_DENIED", "DEADLINE_EXCEEDED"}
 TASK = "fuzz-target"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _name(r: random.Random) -> str:
@@ -107,8 +102,15 @@ def grpc_request(stub, r: random.Random):
 
 
 def http_request(base: str, r: random.Random, token: str | None):
-    route = r.choice(["predict", "predict", "register", "add_examples", "task", "delete", "versions", "rollback",
-                      "evolve", "register_upload"])
+    # every route of the HTTP API (the semantics table is its one definition), Predict twice as often,
+    # a task's routes on the live task or on a random name; sometimes the wrong method
+    from munet.service.semantics import OPERATIONS
+
+    op = r.choice([*OPERATIONS.values(), OPERATIONS["Predict"]])
+    method = op.method if r.random() < 0.9 else r.choice(["GET", "POST", "PUT", "DELETE", "PATCH"])
+    # never DELETE the live task: the fuzz checks that bad calls change nothing stored
+    name = urllib.parse.quote(_name(r) if method == "DELETE" else r.choice([TASK, _name(r)]), safe="")
+    route = op.path.replace("{name}", name).lstrip("/")
     kind = r.randrange(5)
     if kind == 0:
         body, ctype = b"{not json", "application/json"
@@ -126,7 +128,8 @@ def http_request(base: str, r: random.Random, token: str | None):
         body, ctype = bytes(r.getrandbits(8) for _ in range(r.randrange(0, 200))), r.choice(
             ["application/json", "application/octet-stream", "text/plain"])
     headers = {"content-type": ctype, **({"authorization": f"Bearer {token}"} if token else {})}
-    req = urllib.request.Request(f"{base}/{route}", data=body, headers=headers)
+    req = urllib.request.Request(f"{base}/{route}", data=None if method in ("GET", "DELETE") else body,
+                                 headers=headers, method=method)
 
     def call() -> int:
         try:
@@ -194,7 +197,7 @@ def run(target: str, http: str, n: int, seed: int, token: str | None) -> dict:
 
 
 def _start_server(home: Path) -> tuple[subprocess.Popen, str, str]:
-    http, grpc_port = _free_port(), _free_port()
+    http, grpc_port = free_port(), free_port()
     env = {**os.environ, "MUNET_HOME": str(home), "MUNET_HTTP_PORT": str(http), "MUNET_GRPC_PORT": str(grpc_port),
            "MUNET_SCHEDULER_ENABLED": "0", "MUNET_DEMO_TASK": "0", "MUNET_ROOT": "vit_tiny",
            "BENTOML_DO_NOT_TRACK": "True"}

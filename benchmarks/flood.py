@@ -90,7 +90,7 @@ def _stats(ms: list[float]) -> dict:
 def run(a: argparse.Namespace) -> dict:
     import psutil
 
-    from munet.bench.fuzz import _start_server
+    from benchmarks.fuzz import _start_server
     from munet.client import MunetClient
 
     home = Path(tempfile.mkdtemp(prefix="munet-flood-"))

@@ -1,6 +1,6 @@
 """The serving bench's baseline: a plain BentoML service serving one ONNX model with adaptive batching.
 
-    MUNET_BASELINE_ONNX=/path/model.onnx bentoml serve munet.bench.bentoml_baseline:Baseline --port 3100
+    MUNET_BASELINE_ONNX=/path/model.onnx bentoml serve benchmarks.bentoml_baseline:Baseline --port 3100
 
 It is what one would write without munet: the whole path exported as ONE ONNX model, one session,
 BentoML's adaptive batching in front. POST /predict {"x": [image, ...]} takes (N, S, S, 3) uint8
