@@ -69,9 +69,9 @@ def test_labelled_examples_stay_batches():
 
 def test_http_arrays_follow_the_same_rule():
     from munet.errors import InvalidArgument
-    from munet.server import _images
+    from munet.service.rest import image_inputs
 
-    [one] = _images(None, [np.zeros((4, 5, 3), np.uint8).tolist()])
+    [one] = image_inputs(None, [np.zeros((4, 5, 3), np.uint8).tolist()])
     assert (one.height, one.width, one.channels) == (4, 5, 3)
     with pytest.raises(InvalidArgument, match=r"\[6, 8, 8\].*one \(H, W\) or \(H, W, C\) array per image"):
-        _images(None, [np.zeros((6, 8, 8), np.uint8).tolist()])
+        image_inputs(None, [np.zeros((6, 8, 8), np.uint8).tolist()])

@@ -300,13 +300,13 @@ def test_npz_names_never_reach_outside_the_import_directory(server, tmp_path, na
 
 def test_http_arrays_with_nan_or_fractions_are_refused():
     from munet.errors import InvalidArgument
-    from munet.server import _images
+    from munet.service.rest import image_inputs
 
     with pytest.raises(InvalidArgument, match="NaN"):
-        _images(None, [[[float("nan"), 1.0], [2.0, 3.0]]])
+        image_inputs(None, [[[float("nan"), 1.0], [2.0, 3.0]]])
     with pytest.raises(InvalidArgument, match="fractional"):
-        _images(None, [[[0.5, 0.25], [0.0, 1.0]]])
-    assert len(_images(None, [[[0.0, 1.0], [2.0, 255.0]]])) == 1
+        image_inputs(None, [[[0.5, 0.25], [0.0, 1.0]]])
+    assert len(image_inputs(None, [[[0.0, 1.0], [2.0, 255.0]]])) == 1
 
 
 def test_an_oversized_http_body_gets_413_before_it_is_read():
@@ -339,29 +339,3 @@ def test_every_grpc_call_leaves_one_access_line(server, caplog):
     assert any("Predict task=no-such-task NOT_FOUND" in m for m in lines), lines
     assert any("Predict task=digits OK" in m for m in lines), lines
     assert not any(r.exc_info for r in caplog.records)  # a client's error is a line, not a traceback
-
-
-def test_http_client_errors_are_logged_as_one_line():
-    import logging
-
-    from bentoml.exceptions import BentoMLException
-
-    from munet.server import ClientErrorsAsOneLine
-
-    def record(status: int) -> logging.LogRecord:
-        from http import HTTPStatus
-
-        try:
-            raise BentoMLException("NOT_FOUND: task 'x' does not exist", error_code=HTTPStatus(status))
-        except BentoMLException:
-            import sys
-
-            return logging.LogRecord("bentoml._internal.server.http_app", logging.ERROR, __file__, 1,
-                                     "Exception on %s [%s]", ("/task", "POST"), sys.exc_info())
-
-    f = ClientErrorsAsOneLine()
-    r = record(404)
-    assert f.filter(r) and r.exc_info is None and r.levelno == logging.INFO
-    assert r.getMessage() == "client error (404) on /task [POST]: NOT_FOUND: task 'x' does not exist"
-    r = record(500)
-    assert f.filter(r) and r.exc_info is not None and r.levelno == logging.ERROR  # server faults keep theirs

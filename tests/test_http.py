@@ -1,172 +1,239 @@
-"""The process we ship (`munet serve`): BentoML HTTP and gRPC on the same core, same answers, same errors."""
+"""The process we ship (`munet serve`): its HTTP API (rest.py, mounted on BentoML) beside gRPC on the same
+core: Predict's three input forms, the error body and statuses, uploads, tokens, the docs and the Open
+Inference Protocol on the same port. Call-by-call twins of every gRPC method: tests/test_semantics.py."""
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
-import uuid
 
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from serve_fixture import ADMIN
 
-from munet.client import MunetClient
+from munet.client import MunetClient, MunetClientError
 from munet.data.builtin import load_builtin
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _png(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(x).save(buf, format="PNG")
+    return buf.getvalue()
 
 
-ADMIN = "admin-" + uuid.uuid4().hex  # the shipped process runs protected, as on a network
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
-def _post(port: int, route: str, payload: dict, token: str | None = None) -> tuple[int, object]:
-    headers = {"content-type": "application/json", **({"authorization": f"Bearer {token}"} if token else {})}
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/{route}", data=json.dumps(payload).encode(),
-                                 headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
+def _tensor(x: np.ndarray) -> dict:
+    """The JSON of a raw tensor: its dtype, shape and little-endian bytes."""
+    return {"dtype": str(x.dtype), "shape": list(x.shape), "data": _b64(x.astype(x.dtype.newbyteorder("<")).tobytes())}
 
 
-def _post_file(port: int, route: str, fields: dict, file_bytes: bytes, token: str | None = ADMIN
-               ) -> tuple[int, object]:
-    boundary = uuid.uuid4().hex
-    body = io.BytesIO()
-    for k, v in fields.items():
-        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
-    body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="d.npz"\r\n'
-               f"Content-Type: application/octet-stream\r\n\r\n".encode())
-    body.write(file_bytes + f"\r\n--{boundary}--\r\n".encode())
-    headers = {"content-type": f"multipart/form-data; boundary={boundary}",
-               **({"authorization": f"Bearer {token}"} if token else {})}
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/{route}", data=body.getvalue(), headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
+def _top(body: dict) -> list[list[tuple[str, float]]]:
+    return [[(p["label"], p["probability"]) for p in pred] for pred in body["predictions"]]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("http-home")
-    http_port, grpc_port = _free_port(), _free_port()
-    env = {**os.environ, "MUNET_HOME": str(home), "MUNET_HTTP_PORT": str(http_port),
-           "MUNET_GRPC_PORT": str(grpc_port), "MUNET_HOST": "127.0.0.1", "MUNET_SCHEDULER_ENABLED": "0",
-           "MUNET_DEMO_TASK": "1", "MUNET_ADMIN_TOKEN": ADMIN, "BENTOML_HOME": str(home / "bentoml"),
-           "BENTOML_DO_NOT_TRACK": "True"}
-    proc = subprocess.Popen([sys.executable, "-m", "munet.cli", "serve"], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=open(home / "serve.log", "wb"))
-    try:
-        deadline = time.monotonic() + 180
-        with MunetClient(f"127.0.0.1:{grpc_port}") as c:
-            while time.monotonic() < deadline:
-                assert proc.poll() is None, (home / "serve.log").read_text()[-3000:]
-                with contextlib.suppress(Exception):  # not up yet
-                    if any(t.name == "digits-demo" for t in c.list_tasks()):
-                        break
-                time.sleep(1)
-            else:
-                pytest.fail("server did not come up: " + (home / "serve.log").read_text()[-3000:])
-        yield http_port, grpc_port
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def test_http_and_grpc_give_the_same_answers_from_one_process(server):
-    http_port, grpc_port = server
+def test_predict_takes_json_files_pixel_lists_tensors_and_multipart_alike(munet_serve):
+    s = munet_serve
     ds = load_builtin("uci_digits", max_examples=40, seed=5)
-    png = io.BytesIO()
-    Image.fromarray(ds.x[0]).save(png, format="PNG")
-    status, body = _post(http_port, "predict", {"task": "digits-demo", "top_k": 3,
-                                                "images": [base64.b64encode(png.getvalue()).decode()],
-                                                "arrays": [ds.x[1].tolist()]})
-    assert status == 200, body
-    with MunetClient(f"127.0.0.1:{grpc_port}") as c:
-        g = c.predict("digits-demo", [png.getvalue(), ds.x[1]], top_k=3)
-    assert body["path_version"] == g.version == 1
-    for http_pred, grpc_pred in zip(body["predictions"], g.predictions, strict=True):
-        assert [p["label"] for p in http_pred] == [s.label for s in grpc_pred]
-        assert np.allclose([p["probability"] for p in http_pred], [s.probability for s in grpc_pred], atol=1e-6)
+    x = ds.x[:3]  # (3, 32, 32, 3) uint8
+    with MunetClient(s.target) as c:
+        g = c.predict("digits-demo", [x[0], x[1], x[2]], top_k=3)
+    expected = [[(p.label, p.probability) for p in pred] for pred in g.predictions]
+    png = [_png(im) for im in x]
+    bodies = {
+        "files": {"images": [_b64(p) for p in png]},
+        "arrays": {"arrays": [im.tolist() for im in x]},
+        "arrays of float pixels": {"arrays": [im.astype(float).tolist() for im in x]},
+        "a uint8 batch tensor": {"tensor": _tensor(x)},  # (N, H, W, C)
+        "mixed": {"images": [_b64(png[0])], "arrays": [x[1].tolist()], "tensor": _tensor(x[2].astype(np.float32))},
+    }
+    for what, body in bodies.items():
+        status, out = s.call("POST", "/predict", {"task": "digits-demo", "top_k": 3, **body}, token=None)
+        assert status == 200, (what, out)
+        assert out["task"] == "digits-demo" and out["path_version"] == g.version == 1, what
+        for got, want in zip(_top(out), expected, strict=True):
+            assert [lbl for lbl, _ in got] == [lbl for lbl, _ in want], what
+            assert np.allclose([p for _, p in got], [p for _, p in want], atol=1e-6), what
+    # multipart/form-data: one part per image file (`files`, or `file`), the parameters as fields
+    status, out = s.call("POST", "/predict", fields={"task": "digits-demo", "top_k": "3"},
+                         files=[("files", png[0]), ("file", png[1]), ("files", png[2])], token=None)
+    assert status == 200, out
+    assert [[lbl for lbl, _ in p] for p in _top(out)] == [[lbl for lbl, _ in p] for p in expected]
 
 
-def test_http_errors_match_the_grpc_codes(server):
-    http_port, _ = server
-    assert _post(http_port, "predict", {"task": "nope", "arrays": [[[0, 1], [2, 3]]]})[0] == 404
-    assert _post(http_port, "predict", {"task": "digits-demo", "images": ["***"]})[0] == 400
-    assert _post(http_port, "predict", {"task": "digits-demo"})[0] == 400  # empty batch
-    assert _post(http_port, "task", {"name": "nope"})[0] == 404
-    status, body = _post(http_port, "predict", {"task": "digits-demo", "arrays": [[[0, 1], [2, 3]]]})
-    assert status == 200, body  # still serving
+def test_bad_input_gets_400_with_a_code_and_a_message_and_harms_nothing(munet_serve):
+    s = munet_serve
+    logged = len((s.home / "serve.log").read_text())
+    x = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    cases = {
+        "images[0] is not valid base64": {"images": ["***"]},
+        "the request has no images": {},
+        "arrays[0] holds fractional values": {"arrays": [(x + 0.5).tolist()]},  # never truncated to x
+        "arrays[0] holds NaN": {"arrays": [[[float("nan"), 1.0], [2.0, 3.0]]]},
+        "arrays[0] has values outside 0..255": {"arrays": [[[0, 256], [1, 2]]]},
+        "arrays[0] is not a rectangular array": {"arrays": [[[1, 2], [3]]]},
+        "tensor holds fractional values": {"tensor": _tensor(x.astype(np.float32) / 255)},
+        "tensor.data has 63 bytes; shape [8, 8] of uint8 needs 64":
+            {"tensor": {"dtype": "uint8", "shape": [8, 8], "data": _b64(x.tobytes()[:63])}},
+        "tensor has shape [6, 8, 8]: an (H, W, C) image has C = 1, 3 or 4 channels; send a batch as a rank-4 tensor":
+            {"tensor": _tensor(np.zeros((6, 8, 8), np.uint8))},
+        "tensor.dtype: Input should be 'uint8'": {"tensor": {"dtype": "object", "shape": [1, 1], "data": ""}},
+        "imagez: Extra inputs are not permitted": {"imagez": []},
+        "top_k: Input should be a valid integer": {"top_k": "x", "arrays": [x.tolist()]},
+        "version: Input should be greater than or equal to 0": {"version": -1, "arrays": [x.tolist()]},
+    }
+    for message, body in cases.items():
+        status, out = s.call("POST", "/predict", {"task": "digits-demo", **body})
+        assert status == 400 and out["code"] == "INVALID_ARGUMENT", (message, out)
+        assert message in out["message"], (message, out)
+    for raw, ctype, message in ((b"{not json", "application/json", "the body is not valid JSON"),
+                                (b"task=x", "application/x-www-form-urlencoded",
+                                 "application/json or multipart/form-data")):
+        status, out = s.call("POST", "/predict", raw=raw, headers={"content-type": ctype})
+        assert status == 400 and out["code"] == "INVALID_ARGUMENT" and message in out["message"], out
+    status, out = s.call("POST", "/predict", fields={"task": "digits-demo", "files": "not a file"})
+    assert (status, out["message"]) == (400, "files must be an uploaded file"), out
+    assert s.call("POST", "/predict", {"task": "nope", "arrays": [x.tolist()]}) == \
+        (404, {"code": "NOT_FOUND", "message": "task 'nope' does not exist"})
+    assert s.call("GET", "/tasks/nope")[0] == 404
+    status, out = s.call("GET", "/predict")  # reads are GET, writes POST: a wrong method is 405, named
+    assert (status, out["code"]) == (405, "UNIMPLEMENTED") and "use POST" in out["message"], out
+    status, out = s.call("POST", "/tasks/digits-demo/promote", {})
+    assert (status, out) == (400, {"code": "INVALID_ARGUMENT", "message": "version: Field required"})
+    status, out = s.call("GET", "/events", query={"limit": 0})
+    assert status == 400 and out["message"].startswith("limit: "), out
+    status, out = s.call("POST", "/predict", {"task": "digits-demo", "arrays": [x.tolist()]})
+    assert status == 200, out  # still serving
+    log = (s.home / "serve.log").read_text()[logged:]
+    assert "Traceback" not in log and "INVALID_ARGUMENT" not in log  # a client's mistake is an access line
 
 
-def test_register_an_uploaded_npz_over_http(server):
-    http_port, grpc_port = server
+def test_http_predict_is_counted_like_grpc(munet_serve):
+    s = munet_serve
+
+    def count(code: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{s.http}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        want = {"task": "digits-demo", "protocol": "http", "code": code}
+        return sum(x.value for f in text_string_to_metric_families(text) if f.name == "munet_requests"
+                   for x in f.samples if x.name == "munet_requests_total" and x.labels == want)
+
+    ok, bad = count("OK"), count("INVALID_ARGUMENT")
+    x = np.zeros((8, 8), np.uint8)
+    assert s.call("POST", "/predict", {"task": "digits-demo", "arrays": [x.tolist()]})[0] == 200
+    assert s.call("POST", "/predict", {"task": "digits-demo", "arrays": [(x + 0.5).tolist()]})[0] == 400
+    assert (count("OK"), count("INVALID_ARGUMENT")) == (ok + 1, bad + 1)
+
+
+def test_register_an_uploaded_npz_and_add_examples_over_http(munet_serve):
+    s = munet_serve
     ds = load_builtin("animal_shapes", max_examples=300, seed=1)
     buf = io.BytesIO()
     np.savez(buf, x=ds.x, y=ds.y, label_names=np.array(ds.labels))
-    status, body = _post_file(http_port, "register_upload", {"name": "animals-http"}, buf.getvalue())
-    assert status == 200, body
-    assert body["current_version"] == 1 and body["labels"] == ds.labels
-    status, dup = _post_file(http_port, "register_upload", {"name": "animals-http"}, buf.getvalue())
-    assert status == 409, dup
-    status, tasks = _post(http_port, "tasks", {})
-    assert {t["name"] for t in tasks} >= {"digits-demo", "animals-http"}
-    with MunetClient(f"127.0.0.1:{grpc_port}") as c:
-        assert c.get_task("animals-http").current_version == 1
+    status, body = s.call("POST", "/tasks", fields={"name": "animals-http", "policy": "approve"},
+                          files=[("file", buf.getvalue())])
+    assert status == 201, body
+    assert body["current_version"] == 1 and body["labels"] == ds.labels and body["policy"] == "approve"
+    status, dup = s.call("POST", "/tasks", fields={"name": "animals-http"}, files=[("file", buf.getvalue())])
+    assert (status, dup["code"]) == (409, "ALREADY_EXISTS"), dup
+    status, tasks = s.call("GET", "/tasks", token=None)
+    assert status == 200 and {t["name"] for t in tasks} >= {"digits-demo", "animals-http"}
+    with MunetClient(s.target) as c:
         before = c.get_task("animals-http")
+    assert before.current_version == 1
     # management needs the admin token: none -> 401, a wrong one -> 403, and nothing is stored
-    assert _post_file(http_port, "add_examples", {"task": "animals-http"}, buf.getvalue(), token=None)[0] == 401
-    assert _post_file(http_port, "add_examples", {"task": "animals-http"}, buf.getvalue(), token="guess")[0] == 403
     more = io.BytesIO()
     np.savez(more, x=255 - ds.x[:20], y=ds.y[:20])  # corrections in a new style
-    status, added = _post_file(http_port, "add_examples", {"task": "animals-http"}, more.getvalue())
+    route = "/tasks/animals-http/examples"
+    assert s.call("POST", route, files=[("file", more.getvalue())], token=None)[0] == 401
+    assert s.call("POST", route, files=[("file", more.getvalue())], token="guess")[0] == 403
+    status, added = s.call("POST", route, files=[("file", more.getvalue())])
     assert status == 200 and added["added"] == 20, added
     assert added["train"] + added["validation"] == 20 and added["test"] == 0
-    with MunetClient(f"127.0.0.1:{grpc_port}") as c:
+    with MunetClient(s.target) as c:
         after = c.get_task("animals-http")
     assert after.train_examples + after.validation_examples == before.train_examples + before.validation_examples + 20
+    assert after.test_examples == before.test_examples
+    status, out = s.call("POST", route, files=[("file", b"PK\x03\x04 not a zip")])
+    assert status == 400 and out["message"].startswith("uploaded file is not a readable .npz file"), out
 
 
-def test_management_needs_the_admin_token_on_both_protocols(server):
-    from munet.client import MunetClientError
-
-    http_port, grpc_port = server
-    assert _post(http_port, "delete", {"name": "digits-demo"})[0] == 401
-    status, body = _post(http_port, "delete", {"name": "digits-demo"}, token="not-it")
-    assert status == 403 and body["code"] == "PERMISSION_DENIED"
-    assert _post(http_port, "tasks", {})[0] == 200  # reads are open (no predict token configured)
-    with MunetClient(f"127.0.0.1:{grpc_port}") as c:
+def test_management_needs_the_admin_token_on_both_protocols(munet_serve):
+    s = munet_serve
+    status, body = s.call("DELETE", "/tasks/digits-demo", token=None)
+    assert (status, body["code"]) == (401, "UNAUTHENTICATED"), body
+    status, body = s.call("DELETE", "/tasks/digits-demo", token="not-it")
+    assert (status, body["code"]) == (403, "PERMISSION_DENIED"), body
+    assert s.call("GET", "/tasks/digits-demo", token=None)[0] == 200  # reads are open (no predict token)
+    assert s.call("PATCH", "/tasks/digits-demo/policy", {"policy": "frozen"}, token=None)[0] == 401
+    with MunetClient(s.target) as c:
         with pytest.raises(MunetClientError) as e:
             c.delete_task("digits-demo")
         assert e.value.code == "UNAUTHENTICATED"
         assert c.health() == "SERVING"
         assert c.predict("digits-demo", [np.zeros((8, 8), np.uint8)]).version >= 1
-    with MunetClient(f"127.0.0.1:{grpc_port}", token="wrong") as c, pytest.raises(MunetClientError) as e:
+    with MunetClient(s.target, token="wrong") as c, pytest.raises(MunetClientError) as e:
         c.trigger_evolution("digits-demo")
     assert e.value.code == "PERMISSION_DENIED"
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=30) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{s.http}/metrics", timeout=30) as r:
         assert r.status == 200  # scrapers need no token
-    assert any(t.name == "digits-demo" for t in MunetClient(f"127.0.0.1:{grpc_port}").list_tasks())
+    with MunetClient(s.target, token=ADMIN) as c:
+        assert c.get_task("digits-demo").policy == "auto"  # nothing changed
+
+
+def test_docs_schema_and_the_open_inference_protocol_share_the_port(munet_serve):
+    s = munet_serve
+    with urllib.request.urlopen(f"http://127.0.0.1:{s.http}/docs", timeout=30) as r:
+        assert r.url.endswith(f":{s.http}/") and b"<html" in r.read().lower()  # /docs leads to BentoML's UI
+    status, spec = s.call("GET", "/docs.json", token=None)
+    assert status == 200
+    paths = spec["paths"]
+    assert set(paths["/tasks"]) == {"get", "post"} and set(paths["/tasks/{name}"]) == {"get", "delete"}
+    assert set(paths["/predict"]["post"]["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    assert paths["/tasks/{name}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] == \
+        {"$ref": "#/components/schemas/Task"}
+    assert {"Task", "PathVersion", "Error", "EvolutionStatus"} <= set(spec["components"]["schemas"])
+    status, meta = s.call("GET", "/v2", token=None)  # the Open Inference Protocol, mounted beside it
+    assert status == 200 and meta["name"] == "munet", meta
+    status, model = s.call("GET", "/v2/models/digits-demo", token=None)
+    assert status == 200 and model["name"] == "digits-demo", model
+
+
+def test_a_body_that_streams_past_the_limit_gets_413_on_every_route():
+    """Without a Content-Length the limit is met while the body streams in: whether the route's body is
+    read by FastAPI (rollback) or by content type (predict), the answer is 413 and the error body."""
+    import asyncio
+    import json
+
+    from munet.server import BodyLimitMiddleware
+    from munet.service.rest import create_app
+
+    app = BodyLimitMiddleware(create_app(lambda: None, lambda: None), limit=100)
+
+    async def call(path: str) -> tuple[int, dict]:
+        chunks = [b'{"version": 1, "policy": "' + b"x" * 60, b"x" * 60 + b'"}']
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")], "scheme": "http", "root_path": "",
+                 "server": ("test", 80), "client": ("test", 1), "http_version": "1.1", "app": None}
+        await app(scope, receive, send)
+        return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+    for path in ("/tasks/t/rollback", "/predict"):
+        status, body = asyncio.run(call(path))
+        assert status == 413 and body["code"] == "INVALID_ARGUMENT", (path, body)
+        assert "max_http_body_bytes" in body["message"], (path, body)

@@ -76,9 +76,9 @@ def test_oip_calls_are_classified_for_auth():
         assert grpc_need(f"/inference.GRPCInferenceService/{name}") == "open"
     for path in ("/v2/models/t/infer", "/v2/models/t/versions/2/infer", "/v2/models/t", "/v2/models/t/ready",
                  "/v2/repository/index", "/v2/anything-else"):
-        assert http_need(path) == "read", path
+        assert http_need("POST", path) == "read", path
     for path in ("/v2", "/v2/", "/v2/health/live", "/v2/health/ready"):
-        assert http_need(path) == "open", path
+        assert http_need("GET", path) == "open", path
 
 
 def _bad(fn, *args, **kwargs) -> str:

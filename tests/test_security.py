@@ -101,17 +101,25 @@ def test_http_middleware_refuses_before_the_app_runs():
     async def receive():
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    mw = HTTPAuthMiddleware(app, Tokens(admin=ADMIN))
-
-    def call(path, auth=None):
+    def call(method, path, auth=None, tokens=Tokens(admin=ADMIN)):
         headers = [(b"authorization", auth.encode())] if auth else []
         sent.clear()
-        asyncio.run(mw({"type": "http", "method": "POST", "path": path, "headers": headers}, receive, send))
+        mw = HTTPAuthMiddleware(app, tokens)
+        asyncio.run(mw({"type": "http", "method": method, "path": path, "headers": headers}, receive, send))
         return sent[0]["status"] if sent else 200
 
-    assert call("/delete") == 401 and call("/delete", "Bearer x") == 403 and not reached
-    assert call("/delete", f"Bearer {ADMIN}") == 200 and reached == ["/delete"]
-    assert call("/predict") == 200 and call("/metrics") == 200 and call("/livez") == 200
+    # writes (POST, PATCH, DELETE) need the admin token; the same route's read (GET) does not
+    assert call("DELETE", "/tasks/t") == 401 and call("DELETE", "/tasks/t", "Bearer x") == 403 and not reached
+    assert call("POST", "/tasks") == 401 and call("PATCH", "/tasks/t/policy") == 401 and not reached
+    assert call("DELETE", "/tasks/t", f"Bearer {ADMIN}") == 200 and reached == ["/tasks/t"]
+    assert call("GET", "/tasks/t") == 200 and call("GET", "/tasks") == 200
+    assert call("POST", "/predict") == 200 and call("GET", "/metrics") == 200 and call("GET", "/livez") == 200
+    # with a predict token, the reads (GET, and POST /predict) need it too; docs stay open
+    both = Tokens(admin=ADMIN, predict=READER)
+    assert call("GET", "/tasks", tokens=both) == 401 and call("POST", "/predict", tokens=both) == 401
+    assert call("GET", "/events", tokens=both) == 401 and call("GET", "/tasks", f"Bearer {READER}", both) == 200
+    assert call("POST", "/tasks", f"Bearer {READER}", both) == 403
+    assert call("GET", "/docs.json", tokens=both) == 200 and call("GET", "/docs", tokens=both) == 200
 
 
 def test_the_shipped_server_serves_https_and_grpc_over_tls(tmp_path):

@@ -1,11 +1,13 @@
 """Bearer tokens for the two classes of calls, on gRPC metadata and HTTP headers alike.
 
-- management (RegisterTask, AddExamples, DeleteTask, TriggerEvolution, Rollback and their HTTP
-  routes) needs the admin token when one is configured (`MUNET_ADMIN_TOKEN`, or a file named by
-  `MUNET_ADMIN_TOKEN_FILE`);
-- Predict and the read-only calls need the predict token when one is configured
-  (`MUNET_PREDICT_TOKEN`); the admin token is accepted there too;
+- management (RegisterTask, AddExamples, DeleteTask, TriggerEvolution, Rollback, SetTaskPolicy,
+  Promote, Reject and their HTTP twins: the writes, POST / PATCH / DELETE) needs the admin token when
+  one is configured (`MUNET_ADMIN_TOKEN`, or a file named by `MUNET_ADMIN_TOKEN_FILE`);
+- Predict and the read-only calls (HTTP: POST /predict and the GET routes) need the predict token when
+  one is configured (`MUNET_PREDICT_TOKEN`); the admin token is accepted there too;
 - health, reflection, metrics and the docs stay open (probes and scrapers carry no secrets).
+
+Which call is which comes from the table of operations, `munet.service.semantics.OPERATIONS`.
 
 No credentials: UNAUTHENTICATED / 401. Wrong credentials: PERMISSION_DENIED / 403. Tokens are
 compared in constant time (`hmac.compare_digest`).
@@ -22,14 +24,11 @@ import grpc
 
 from munet.config import Config
 from munet.errors import PermissionDenied, Unauthenticated
+from munet.service.semantics import OPERATIONS, http_access
 
 Need = Literal["admin", "read", "open"]
 
-ADMIN_RPCS = {"RegisterTask", "AddExamples", "DeleteTask", "TriggerEvolution", "Rollback", "SetTaskPolicy", "Promote",
-              "Reject"}
-ADMIN_ROUTES = {"/register", "/register_upload", "/add_examples", "/delete", "/rollback", "/evolve", "/set_policy",
-                "/promote", "/reject"}
-READ_ROUTES = {"/predict", "/tasks", "/task", "/versions", "/evolution_status", "/events"}
+ADMIN_RPCS = {op.rpc for op in OPERATIONS.values() if op.access == "admin"}
 
 
 # The Open Inference Protocol (KServe v2): its server health and metadata are open like grpc.health;
@@ -53,12 +52,12 @@ def is_oip_path(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
-def http_need(path: str) -> Need:
+def http_need(method: str, path: str) -> Need:
+    """`POST /tasks` -> admin, `GET /tasks` -> read; docs, metrics and health are open."""
+    access = http_access(method.upper(), path)
+    if access is not None:
+        return access
     path = "/" + path.strip("/")
-    if path in ADMIN_ROUTES:
-        return "admin"
-    if path in READ_ROUTES:
-        return "read"
     if is_oip_path(path):  # anything under /v2 but its health and server metadata
         return "open" if path in OIP_OPEN_ROUTES else "read"
     return "open"
@@ -109,11 +108,17 @@ class Tokens:
             raise PermissionDenied("the bearer token is not valid for this call")
 
 
+def error_body(code: str, message: str) -> dict[str, str]:
+    """The body of every HTTP error of the munet API (the REST routes' and this middleware's): the gRPC
+    status name and the message."""
+    return {"code": code, "message": message}
+
+
 async def send_error(send, status: int, code: str, message: str, headers: list | None = None,
                      path: str = "") -> None:
-    """An ASGI JSON error answer, {"code": ..., "message": ...}, sent before the app runs; under /v2
-    (the Open Inference Protocol) KServe's {"error": ...}, which Triton's and KServe's clients read."""
-    body = json.dumps({"error": message} if is_oip_path(path) else {"code": code, "message": message}).encode()
+    """An ASGI JSON error answer, `error_body`, sent before the app runs; under /v2 (the Open Inference
+    Protocol) KServe's {"error": ...}, which Triton's and KServe's clients read."""
+    body = json.dumps({"error": message} if is_oip_path(path) else error_body(code, message)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(headers or [])]})
@@ -131,7 +136,8 @@ class HTTPAuthMiddleware:
         if scope.get("type") == "http" and scope.get("method") != "OPTIONS":
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             try:
-                self.tokens.check(headers.get("authorization"), http_need(scope.get("path", "")))
+                self.tokens.check(headers.get("authorization"), http_need(scope.get("method", ""),
+                                                                          scope.get("path", "")))
             except (Unauthenticated, PermissionDenied) as e:
                 # read (and drop) what the client is still sending: closing on a client mid-upload
                 # makes it see a broken pipe instead of this answer
