@@ -1,8 +1,13 @@
-"""The embedded store: SQLite (WAL) for tasks, examples and path versions; module files by content.
+"""The store: tasks, examples and path versions as rows; module and example files by content.
 
-Layout under the data root, readable with `ls`:
+One interface, two metadata backends: SQLite in the store's home (the embedded default,
+store_sqlite.py) or PostgreSQL (`database_url`, store_postgres.py: several hosts share one store).
+The files always live under the store's home, readable with `ls`; with PostgreSQL it is a directory
+every host mounts:
 
     munet.db                         tasks, example batches, modules, path versions, current pointers
+                                     (SQLite only; with PostgreSQL the rows are in its database)
+    store-id                         (PostgreSQL only) which database these files belong to
     modules/<id>/module.json         kind, config, parameter count (immutable once written)
     modules/<id>/weights.safetensors
     modules/<id>/model.onnx          exported lazily, also immutable
@@ -10,7 +15,8 @@ Layout under the data root, readable with `ls`:
 
 A module id is the content hash of its kind, config and weights, so equal modules are stored once
 and a path version (an ordered list of ids) pins its function exactly. Every file is written to a
-temporary name, fsynced and renamed, so a crash never leaves a half-written file under a real name.
+temporary name, fsynced and renamed, so a crash never leaves a half-written file under a real name,
+and files are written before the rows that name them.
 """
 
 from __future__ import annotations
@@ -22,15 +28,14 @@ import math
 import os
 import re
 import shutil
-import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 from safetensors.torch import load_file, save_file
@@ -38,59 +43,9 @@ from torch import nn
 
 from munet.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from munet.models.modules import build_module, count_params, module_config
+from munet.models.store_sqlite import SQLiteBackend
 
 TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tasks (
-    name TEXT PRIMARY KEY,
-    labels TEXT NOT NULL,
-    source TEXT NOT NULL,
-    status TEXT NOT NULL,
-    current_version INTEGER,
-    created_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS example_batches (
-    id TEXT NOT NULL,
-    task TEXT NOT NULL REFERENCES tasks(name) ON DELETE CASCADE,
-    file TEXT NOT NULL,
-    n_train INTEGER NOT NULL,
-    n_validation INTEGER NOT NULL,
-    n_test INTEGER NOT NULL,
-    created_at TEXT NOT NULL,
-    PRIMARY KEY (task, id)
-);
-CREATE TABLE IF NOT EXISTS modules (
-    id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    config TEXT NOT NULL,
-    params INTEGER NOT NULL,
-    parent TEXT,
-    created_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS path_versions (
-    task TEXT NOT NULL REFERENCES tasks(name) ON DELETE CASCADE,
-    version INTEGER NOT NULL,
-    modules TEXT NOT NULL,
-    hparams TEXT NOT NULL,
-    lineage TEXT NOT NULL,
-    validation_accuracy REAL,
-    test_accuracy REAL,
-    score REAL,
-    status TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    PRIMARY KEY (task, version)
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    task TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    version INTEGER NOT NULL DEFAULT 0,
-    detail TEXT NOT NULL DEFAULT '{}',
-    at TEXT NOT NULL
-);
-"""
 
 # what happened to tasks, in order, for WatchTask: written by whichever process did it (a server,
 # an HTTP worker, the evolution worker), so every watcher sees every change through the store
@@ -98,48 +53,19 @@ EVENT_KINDS = ("registered", "deleted", "generation_started", "generation_finish
                "rolled_back", "rejected", "failed", "policy_changed")
 MAX_EVENTS = 10_000  # the oldest are dropped beyond this
 
-# Schema versions (PRAGMA user_version), each reached from the one before by its migration, so a
-# newer munet-serve opens a store an older one wrote.
+# Schema versions, each reached from the one before by its migration, so a newer munet-serve opens
+# a store an older one wrote (SQLite: PRAGMA user_version; PostgreSQL: the munet_schema row). Each
+# backend module holds its DDL and its MIGRATIONS[v] (v -> v + 1); a new version adds one to both.
 #   1: the first release (tasks without a root).
 #   2: tasks record their root and input resolution, and a creation id (uid) that tells a task from
 #      a later one of the same name; roots are recorded by name (meta "roots").
 #   3: tasks record their promotion policy (auto, approve, frozen) and evolution settings.
-SCHEMA_VERSION = 3
+#   4: leases (which server process leads evolution). PostgreSQL stores start here.
+SCHEMA_VERSION = 4
 
 POLICIES = ("auto", "approve", "frozen")
 # settings a task may carry over the server's (Config fields of the same names)
 TASK_EVOLUTION_SETTINGS = ("candidates_per_generation", "candidate_budget_s", "scale_base")
-
-
-def _migrate_1_to_2(db: sqlite3.Connection) -> None:
-    cols = {r[1] for r in db.execute("PRAGMA table_info(tasks)")}
-    if "root" not in cols:
-        db.execute("ALTER TABLE tasks ADD COLUMN root TEXT")
-    if "image_size" not in cols:
-        db.execute("ALTER TABLE tasks ADD COLUMN image_size INTEGER")
-    if "uid" not in cols:
-        db.execute("ALTER TABLE tasks ADD COLUMN uid TEXT")
-        db.execute("UPDATE tasks SET uid=lower(hex(randomblob(8))) WHERE uid IS NULL")
-    # a first-release store was created with the committed ViT root at 32x32
-    old = db.execute("SELECT value FROM meta WHERE key='root_modules'").fetchone()
-    if old is not None:
-        roots = {"vit_tiny": {"modules": json.loads(old[0]), "image_size": 32, "family": "vit"}}
-        db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('roots', ?)", (json.dumps(roots),))
-        db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('default_root', 'vit_tiny')")
-        db.execute("DELETE FROM meta WHERE key='root_modules'")
-    db.execute("UPDATE tasks SET root='vit_tiny' WHERE root IS NULL")
-    db.execute("UPDATE tasks SET image_size=32 WHERE image_size IS NULL")
-
-
-def _migrate_2_to_3(db: sqlite3.Connection) -> None:
-    cols = {r[1] for r in db.execute("PRAGMA table_info(tasks)")}
-    if "policy" not in cols:
-        db.execute("ALTER TABLE tasks ADD COLUMN policy TEXT NOT NULL DEFAULT 'auto'")
-    if "evolution" not in cols:
-        db.execute("ALTER TABLE tasks ADD COLUMN evolution TEXT NOT NULL DEFAULT '{}'")
-
-
-MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 def now() -> str:
@@ -199,6 +125,11 @@ class Superseded(FailedPrecondition):
     """The task changed (deleted and re-registered, rolled back) since the change was prepared."""
 
 
+class StoreError(RuntimeError):
+    """The store cannot be opened as configured: a newer release's schema, an unreachable database,
+    a home that holds another store's files. Nothing was changed."""
+
+
 def content_id(kind: str, config: dict, module: nn.Module) -> str:
     h = hashlib.sha256()
     h.update(kind.encode())
@@ -229,70 +160,143 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class Backend(Protocol):
+    """What `Store` needs of a metadata database (store_sqlite.SQLiteBackend, store_postgres.PostgresBackend).
+    Statements are written once, with `?` placeholders and SQL both databases run."""
+
+    name: str
+    location: str  # where the rows are, for messages
+    for_update: str  # appended to a SELECT whose rows the transaction then changes
+    now_sql: str  # the database's time, seconds since the epoch (leases)
+
+    def migrate(self, target: int) -> int: ...
+    def schema_version(self) -> int: ...
+    def tx(self) -> AbstractContextManager[Any]: ...  # a write transaction; yields .execute/.executemany
+    def write_lock(self, db: Any, name: str) -> None: ...  # held to the end of the transaction
+    def query(self, sql: str, args: tuple = ()) -> list[Mapping]: ...
+    def change_token(self) -> tuple: ...
+    def wait_for_change(self, token: tuple, timeout_s: float, poll_s: float = 0.05) -> tuple: ...
+    def integrity(self) -> str: ...
+    def close(self) -> None: ...
+
+
+def open_store(config: Any) -> Store:
+    """The store a Config names: its `home`, and its `database_url` (empty: SQLite in home)."""
+    return Store(config.home, config.database_url)
+
+
 class Store:
-    def __init__(self, home: Path | str):
+    def __init__(self, home: Path | str, database_url: str = ""):
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "modules").mkdir(exist_ok=True)
         (self.home / "tasks").mkdir(exist_ok=True)
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.home / "munet.db", check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a call that returned has its rows on disk, even across power loss
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._migrate()
+        self.database_url = database_url
+        self._b: Backend = _open_backend(self.home, database_url)
+        try:
+            version = self._b.migrate(SCHEMA_VERSION)
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"store {self._b.location} has schema version {version}; this munet-serve "
+                                 f"knows up to {SCHEMA_VERSION}: upgrade munet-serve")
+            if database_url:
+                self._check_files_belong_here()
+        except BaseException:
+            self._b.close()
+            raise
 
-    def _migrate(self) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                fresh = not self._db.execute(
-                    "SELECT 1 FROM sqlite_master WHERE type='table' AND name='tasks'").fetchone()
-                version = self._db.execute("PRAGMA user_version").fetchone()[0]
-                for stmt in SCHEMA.split(";"):
-                    if stmt.strip():
-                        self._db.execute(stmt)
-                if fresh:
-                    version = 1  # the tables above are the first release's; the migrations add the rest
-                elif version == 0:
-                    version = 1  # stores written before versioning are the first release
-                if version > SCHEMA_VERSION:
-                    raise RuntimeError(f"store {self.home} has schema version {version}; this munet-serve "
-                                       f"knows up to {SCHEMA_VERSION}: upgrade munet-serve")
-                while version < SCHEMA_VERSION:
-                    MIGRATIONS[version](self._db)
-                    version += 1
-                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    @property
+    def backend(self) -> str:
+        """"sqlite" or "postgres"."""
+        return self._b.name
+
+    @property
+    def location(self) -> str:
+        """Where the rows are: the SQLite file, or the PostgreSQL server and database (no credentials)."""
+        return self._b.location
+
+    def _check_files_belong_here(self) -> None:
+        """With PostgreSQL the files live apart from the rows: make sure `home` is this database's
+        directory before anything reads or tidies it. A home that holds another store's files (or
+        none, where the database has some: a shared volume not mounted) is refused, never cleaned up."""
+        marker = self.home / "store-id"
+        with self._tx() as db:
+            self._b.write_lock(db, "store_id")  # hosts opening a new store at once agree on one id
+            on_disk = marker.read_text().strip() if marker.exists() else None
+            row = db.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()
+            if row is not None:
+                if on_disk != row["value"]:
+                    found = f"the files of store {on_disk}" if on_disk else "no store-id file"
+                    raise StoreError(f"{self.home} holds {found}, not those of store {row['value']} in "
+                                     f"{self._b.location}: is the store's shared directory mounted there?")
+                return
+            used = (self.home / "munet.db").exists() or any((self.home / "modules").iterdir()) or any(
+                (self.home / "tasks").iterdir())
+            if used:
+                raise StoreError(f"{self.home} already holds a store's files and {self._b.location} is a new "
+                                 "database: give a new PostgreSQL store an empty directory")
+            store_id = on_disk or uuid.uuid4().hex
+            atomic_write(marker, f"{store_id}\n".encode())
+            db.execute("INSERT INTO meta(key, value) VALUES ('store_id', ?)", (store_id,))
 
     @property
     def schema_version(self) -> int:
-        return self._query("PRAGMA user_version")[0][0]
+        return self._b.schema_version()
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._b.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[Any]:
+        """A write transaction: on SQLite it holds the database's write lock (BEGIN IMMEDIATE); on
+        PostgreSQL, statements that read what they then write add `self._b.for_update`."""
+        return self._b.tx()
 
-    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+    def _query(self, sql: str, args: tuple = ()) -> list[Mapping]:
+        return self._b.query(sql, args)
+
+    # ---- change notification and leases (several server processes on one store) --------------
+
+    def change_token(self) -> tuple:
+        """Differs from an earlier value once anything was committed since, by any process. Cheap
+        (SQLite: one PRAGMA; PostgreSQL: a counter of notifications), so servers check it often and
+        reload only on a change."""
+        return self._b.change_token()
+
+    def wait_for_change(self, token: tuple, timeout_s: float, poll_s: float = 0.05) -> tuple:
+        """Block until change_token() differs from `token` or `timeout_s` passed; returns the latest
+        token. PostgreSQL wakes on the commit's notification; SQLite checks every `poll_s`."""
+        return self._b.wait_for_change(token, timeout_s, poll_s)
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float, info: dict | None = None) -> bool:
+        """Take or renew the lease `name` for `holder` for `ttl_s` seconds: granted when nobody holds it,
+        its holder let it expire, or `holder` already has it. One conditional statement, so two
+        processes never both get it. Times are the database's clock (PostgreSQL: one clock for every
+        host; SQLite: the one host's)."""
+        with self._tx() as db:
+            t = self._b.now_sql
+            cur = db.execute(
+                f"INSERT INTO leases(name, holder, info, expires_at, acquired_at) VALUES (?, ?, ?, {t} + ?, {t})"
+                " ON CONFLICT(name) DO UPDATE SET holder=excluded.holder, info=excluded.info,"
+                " expires_at=excluded.expires_at, acquired_at=CASE WHEN leases.holder=excluded.holder"
+                " THEN leases.acquired_at ELSE excluded.acquired_at END"
+                " WHERE leases.holder=excluded.holder OR leases.expires_at <= excluded.acquired_at",
+                (name, holder, json.dumps(info or {}), float(ttl_s)))
+            return cur.rowcount == 1
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up now (a clean shutdown), so another process need not wait for it to expire."""
+        with self._tx() as db:
+            db.execute("DELETE FROM leases WHERE name=? AND holder=?", (name, holder))
+
+    def lease(self, name: str) -> dict | None:
+        """The lease's holder, info and remaining seconds; None when nobody holds it (or it expired)."""
+        now_sql = self._b.now_sql
+        rows = self._query(f"SELECT holder, info, expires_at - {now_sql} AS left_s, {now_sql} - acquired_at AS held_s"
+                           " FROM leases WHERE name=?", (name,))
+        if not rows or rows[0]["left_s"] <= 0:
+            return None
+        r = rows[0]
+        return {"holder": r["holder"], "info": json.loads(r["info"]), "expires_in_s": r["left_s"],
+                "held_for_s": r["held_s"]}
 
     # ---- meta -------------------------------------------------------------------------------
 
@@ -302,7 +306,8 @@ class Store:
 
     def set_meta(self, key: str, value: str) -> None:
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+            db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                       (key, value))
 
     # ---- modules ----------------------------------------------------------------------------
 
@@ -327,7 +332,8 @@ class Store:
         atomic_write(d / "module.json", json.dumps(meta, indent=1).encode())
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO modules(id, kind, config, params, parent, created_at) VALUES (?,?,?,?,?,?)",
+                "INSERT INTO modules(id, kind, config, params, parent, created_at) VALUES (?,?,?,?,?,?)"
+                " ON CONFLICT(id) DO NOTHING",
                 (mid, kind, json.dumps(config), params, parent, now()),
             )
         return mid
@@ -370,14 +376,15 @@ class Store:
         created = now()
         uid = uuid.uuid4().hex[:16]
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM tasks WHERE name=?", (name,)).fetchone():
-                raise AlreadyExists(f"task {name!r} already exists")
-            db.execute(
+            # one statement decides: two hosts registering one name at once get one task and one refusal
+            cur = db.execute(
                 "INSERT INTO tasks(name, labels, source, status, current_version, created_at, root, image_size, uid,"
-                " policy, evolution) VALUES (?,?,?,?,NULL,?,?,?,?,?,?)",
+                " policy, evolution) VALUES (?,?,?,?,NULL,?,?,?,?,?,?) ON CONFLICT(name) DO NOTHING",
                 (name, json.dumps(labels), json.dumps(source), "creating", created, root, int(image_size), uid,
                  policy, json.dumps(evolution)),
             )
+            if cur.rowcount != 1:
+                raise AlreadyExists(f"task {name!r} already exists")
         return TaskRecord(name, labels, source, "creating", None, created, root, int(image_size), uid, policy,
                           evolution)
 
@@ -385,7 +392,8 @@ class Store:
         """Change a task's promotion policy and/or its evolution settings (None: unchanged; a setting
         of 0 goes back to the server's)."""
         with self._tx() as db:
-            row = db.execute("SELECT policy, evolution FROM tasks WHERE name=?", (name,)).fetchone()
+            row = db.execute(f"SELECT policy, evolution FROM tasks WHERE name=?{self._b.for_update}",
+                             (name,)).fetchone()
             if row is None:
                 raise NotFound(f"task {name!r} does not exist")
             new_policy = check_policy(policy) if policy else row["policy"]
@@ -421,9 +429,12 @@ class Store:
     def add_event(self, task: str, kind: str, version: int = 0, **detail: object) -> int:
         assert kind in EVENT_KINDS, kind
         with self._tx() as db:
-            cur = db.execute("INSERT INTO events(task, kind, version, detail, at) VALUES (?,?,?,?,?)",
-                             (task, kind, int(version or 0), json.dumps(detail, default=str), now()))
-            event_id = int(cur.lastrowid or 0)
+            # watchers read "ids after the last I saw": ids must become visible in order, so event
+            # writers take turns (SQLite's writers always do)
+            self._b.write_lock(db, "events")
+            event_id = int(db.execute("INSERT INTO events(task, kind, version, detail, at) VALUES (?,?,?,?,?)"
+                                      " RETURNING id", (task, kind, int(version or 0), json.dumps(detail, default=str),
+                                                        now())).fetchall()[0]["id"])
             if event_id % 1000 == 0:
                 db.execute("DELETE FROM events WHERE id <= ?", (event_id - MAX_EVENTS,))
         return event_id
@@ -439,7 +450,7 @@ class Store:
                  "detail": json.loads(r["detail"]), "at": r["at"]} for r in rows]
 
     def last_event_id(self) -> int:
-        return int(self._query("SELECT COALESCE(MAX(id), 0) FROM events")[0][0])
+        return int(self._query("SELECT COALESCE(MAX(id), 0) AS n FROM events")[0]["n"])
 
     # ---- examples ---------------------------------------------------------------------------
 
@@ -459,7 +470,7 @@ class Store:
         counts = {"train": int((split == 0).sum()), "validation": int((split == 1).sum()),
                   "test": int((split == 2).sum())}
         with self._tx() as db:
-            if not db.execute("SELECT 1 FROM tasks WHERE name=?", (task,)).fetchone():
+            if not db.execute(f"SELECT 1 FROM tasks WHERE name=?{self._b.for_update}", (task,)).fetchone():
                 raise NotFound(f"task {task!r} does not exist")
             db.execute(
                 "INSERT INTO example_batches(id, task, file, n_train, n_validation, n_test, created_at)"
@@ -517,11 +528,13 @@ class Store:
             if not self.has_module(mid):
                 raise NotFound(f"module {mid} of the new path is not in the store")
         with self._tx() as db:
-            if expect_uid is not None:
-                row = db.execute("SELECT uid FROM tasks WHERE name=?", (rec.task,)).fetchone()
-                if row is None or row["uid"] != expect_uid:
-                    raise Superseded(f"task {rec.task!r} was deleted (and maybe registered again) since this "
-                                     "version was made for it")
+            # the task's row lock numbers its versions one writer at a time
+            row = db.execute(f"SELECT uid FROM tasks WHERE name=?{self._b.for_update}", (rec.task,)).fetchone()
+            if expect_uid is not None and (row is None or row["uid"] != expect_uid):
+                raise Superseded(f"task {rec.task!r} was deleted (and maybe registered again) since this "
+                                 "version was made for it")
+            if row is None:
+                raise NotFound(f"task {rec.task!r} does not exist")
             row = db.execute("SELECT COALESCE(MAX(version), 0) v FROM path_versions WHERE task=?",
                              (rec.task,)).fetchone()
             rec.version = row["v"] + 1
@@ -550,7 +563,7 @@ class Store:
     def set_path_status(self, task: str, version: int, status: str, note: str | None = None) -> None:
         with self._tx() as db:
             if note is not None:
-                row = db.execute("SELECT lineage FROM path_versions WHERE task=? AND version=?",
+                row = db.execute(f"SELECT lineage FROM path_versions WHERE task=? AND version=?{self._b.for_update}",
                                  (task, version)).fetchone()
                 lineage = json.loads(row["lineage"]) if row else {}
                 lineage["note"] = note
@@ -568,7 +581,8 @@ class Store:
         while its task was deleted and registered again, or rolled back, must not promote.
         """
         with self._tx() as db:
-            row = db.execute("SELECT current_version, uid, policy FROM tasks WHERE name=?", (task,)).fetchone()
+            row = db.execute(f"SELECT current_version, uid, policy FROM tasks WHERE name=?{self._b.for_update}",
+                             (task,)).fetchone()
             if row is None:
                 raise NotFound(f"task {task!r} does not exist")
             if expect is not None:
@@ -631,17 +645,18 @@ class Store:
         versions = self.list_versions(task)
         rank = {"rejected": 0, "candidate": 1, "failed": 2, "retired": 3}  # "pending" waits for an operator
         removable = sorted((v for v in versions if v.status in rank), key=lambda v: (rank[v.status], v.version))
-        drop = [v.version for v in removable[: max(0, len(versions) - keep)]]
+        drop = removable[: max(0, len(versions) - keep)]
         if drop:
             with self._tx() as db:
-                db.executemany("DELETE FROM path_versions WHERE task=? AND version=?",
-                               [(task, v) for v in drop])
-        return drop
+                # only in the status it was chosen in: a version promoted meanwhile stays
+                db.executemany("DELETE FROM path_versions WHERE task=? AND version=? AND status=?",
+                               [(task, v.version, v.status) for v in drop])
+        return [v.version for v in drop]
 
     def integrity(self) -> str:
-        """SQLite's own check of the database file: "ok", or what is wrong."""
-        rows = self._query("PRAGMA integrity_check")
-        return "; ".join(r[0] for r in rows)
+        """The database's own check: "ok", or what is wrong (SQLite: integrity_check of the file;
+        PostgreSQL: data checksum failures it met)."""
+        return self._b.integrity()
 
     def recover(self, min_age_s: float = 600.0) -> dict[str, int]:
         """After a crash: remove files no committed row refers to. Rows are always written after their
@@ -699,7 +714,7 @@ class Store:
         return gone
 
 
-def _task(r: sqlite3.Row) -> TaskRecord:
+def _task(r: Mapping) -> TaskRecord:
     return TaskRecord(r["name"], json.loads(r["labels"]), json.loads(r["source"]), r["status"],
                       r["current_version"], r["created_at"], r["root"] or "vit_tiny", r["image_size"] or 32,
                       r["uid"] or "", r["policy"] or "auto", json.loads(r["evolution"] or "{}"))
@@ -733,10 +748,30 @@ def check_evolution_settings(settings: dict, allow_zero: bool = False) -> dict:
     return out
 
 
-def _path(r: sqlite3.Row) -> PathRecord:
+def _path(r: Mapping) -> PathRecord:
     return PathRecord(
         task=r["task"], version=r["version"], modules=json.loads(r["modules"]),
         hparams=json.loads(r["hparams"]), lineage=json.loads(r["lineage"]),
         validation_accuracy=r["validation_accuracy"], test_accuracy=r["test_accuracy"],
         score=r["score"], status=r["status"], created_at=r["created_at"],
     )
+
+
+def _open_backend(home: Path, database_url: str) -> Backend:
+    if not database_url:
+        return SQLiteBackend(home / "munet.db")
+    scheme = database_url.split("://", 1)[0] if "://" in database_url else ""
+    if scheme not in ("postgresql", "postgres"):
+        raise StoreError(f"database_url must be a postgresql:// URL (postgresql://user@host:port/database); got "
+                         f"{scheme + '://...' if scheme else 'something else'}")
+    import psycopg
+
+    from munet.models.store_postgres import PostgresBackend, describe
+
+    try:
+        return PostgresBackend(database_url)
+    except psycopg.ProgrammingError as e:  # a malformed URL
+        raise StoreError(f"database_url is not a valid PostgreSQL URL: {e}") from None
+    except psycopg.OperationalError as e:
+        raise StoreError(f"cannot connect to the store's database {describe(database_url)}: "
+                         f"{str(e).strip()}") from None
