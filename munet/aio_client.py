@@ -119,8 +119,9 @@ class AsyncMunetClient:
                             npz_file: str | None = None,
                             examples: tuple[np.ndarray, Sequence[int]] | tuple[np.ndarray, Sequence[int], Any]
                             | None = None,
-                            max_examples: int = 0, seed: int = 0, chunk: int = 256, validation_fraction: float = 0.0,
-                            test_fraction: float = 0.0, timeout: float | None = None, root: str = "",
+                            max_examples: int = 0, seed: int = 0, chunk: int = 256,
+                            validation_fraction: float | None = None, test_fraction: float | None = None,
+                            timeout: float | None = None, root: str = "",
                             policy: str = "auto") -> Task:
         """Create a task (see `MunetClient.register_task`): the spec, then the examples streamed in
         `chunk`-image messages, then the UploadEnd that commits them; waits while the server trains."""

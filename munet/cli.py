@@ -12,10 +12,12 @@ localhost:50051), `--token`, `--tls-ca`, ... before or after the command. Failur
 1 anything else (see EXIT_CODES).
 """
 
+import hashlib
 import importlib
 import inspect
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -274,9 +276,11 @@ def serve(
     # the worker gets every setting as MUNET_* (to_env), so it never re-reads the config file
     env = {k: v for k, v in os.environ.items() if k != CONFIG_FILE_ENV}
     env.update(cfg.to_env())
-    # BentoML keeps its Prometheus multiprocess files under its home: a home of this server's own, so
-    # two servers on one host never mix (or wipe) each other's metrics
-    env["BENTOML_HOME"] = str((cfg.home / "bentoml").resolve())
+    # BentoML keeps its Prometheus multiprocess files under its home, and wipes them at start: a home
+    # of this server's own, on local disk (not in a store that replicas share, maybe on a network
+    # volume), so two servers on one host never mix or wipe each other's metrics
+    store_key = hashlib.sha256(str(cfg.home.resolve()).encode()).hexdigest()[:10]
+    env["BENTOML_HOME"] = str(Path(tempfile.gettempdir()) / f"munet-bentoml-{store_key}-{cfg.http_port}")
     if o.json:  # stdout belongs to BentoML from here on: the banner is one JSON line on stderr
         import json as _json
 
@@ -343,9 +347,31 @@ BENCHES = {
 }
 
 
+def _checkout() -> Path | None:
+    """The repository checkout that holds `benchmarks/`: the one this munet was imported from (an
+    editable install), else the current directory when it is a checkout."""
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "benchmarks" / "__init__.py").is_file() and (root / "munet" / "__init__.py").is_file():
+            return root
+    return None
+
+
+def _run_bench(module: str, name: str, argv: list[str]) -> int:
+    # benchmarks are tools, not the installed package (pyproject installs munet* only): they are
+    # imported from the checkout, which goes first on sys.path so the spawned client processes of
+    # `bench serve` and `bench flood` (multiprocessing hands them this sys.path) find them too
+    root = _checkout()
+    if root is None:
+        raise CliError("benchmarks live in the repository's benchmarks/ folder; run from a checkout",
+                       exit_code=EXIT_ERROR)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return _delegate(f"benchmarks.{module}", f"the {name} benchmark", argv)
+
+
 def _bench_command(name: str, module: str, text: str) -> None:
     def run(ctx: typer.Context) -> int:
-        return _delegate(f"munet.bench.{module}", f"the {name} benchmark", list(ctx.args))
+        return _run_bench(module, name, list(ctx.args))
 
     run.__name__ = f"bench_{module}"
     bench_app.command(name, help=f"{text} (its own options: `munet bench {name} --help`)",
@@ -373,11 +399,13 @@ def roots_list(o: Opts, home: HomeOption = None) -> int:
     home = _home(o, home)
     stored: dict = {}
     default = ""
-    if (home / "munet.db").is_file():
+    database_url = Config.from_env(config_file=o.config).database_url
+    # only a store that exists: listing roots creates none (a PostgreSQL store's home has store-id)
+    if (home / ("store-id" if database_url else "munet.db")).is_file():
         from munet.models.roots import stored_roots
         from munet.models.store import Store
 
-        store = Store(home)
+        store = Store(home, database_url)
         try:
             stored, default = stored_roots(store), store.get_meta("default_root") or ""
         finally:
@@ -476,7 +504,7 @@ def tasks_register(
     if upload is not None:
         x, y, split, found = load_npz(upload)
         names = names or found
-        examples = (x, y, split) if split is not None else (x, y)
+        examples = (x, y, split)
     elif from_dir is not None:
         files, y, found = image_folder(from_dir)
         names = names or found

@@ -161,7 +161,9 @@ def print_status(s: Any) -> None:
     if s.paused_for_load:
         state += " (paused for serving load)"
     sched = f"a generation every {s.interval_seconds:g} s" if s.scheduler_enabled else "on demand only"
-    echo(f"evolution {state}; {s.generations} generations so far; {sched}")
+    lead = ("this server leads evolution" if getattr(s, "leading", False)
+            else f"evolution runs on {s.leader}" if getattr(s, "leader", "") else "no server leads evolution now")
+    echo(f"evolution {state}; {s.generations} generations so far; {sched}; {lead}")
     if s.recent:
         rows = [[r.started_at, r.task, str(r.generation), str(r.candidates), f"{r.incumbent_score:.4f}",
                  f"{r.best_score:.4f}", f"v{r.promoted_version}" if r.promoted else "-", f"{r.seconds:.1f}",

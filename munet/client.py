@@ -197,6 +197,8 @@ class EvolutionStatus:
     scheduler_enabled: bool
     interval_seconds: float
     triggered: GenerationReport | None = None  # the generation a waiting TriggerEvolution ran
+    leading: bool = False  # this server holds the store's evolution lease
+    leader: str = ""  # else the leading server's gRPC address ("" while none leads)
 
 
 # ---- proto -> results: the proto's enums and Timestamps become the plain strings the server's core
@@ -271,6 +273,7 @@ def _evolution(m: pb.EvolutionStatus) -> EvolutionStatus:
         recent=[_report(r) for r in m.recent],
         scheduler_enabled=m.scheduler_enabled, interval_seconds=m.interval_seconds,
         triggered=_report(m.triggered) if m.HasField("triggered") else None,
+        leading=m.leading, leader=m.leader,
     )
 
 
@@ -414,10 +417,12 @@ def example_batches(x: np.ndarray, y: Sequence[int] | np.ndarray, split: Sequenc
 
 def register_requests(name: str, labels: Sequence[str] | None = None, builtin: str | None = None,
                       npz_file: str | None = None, examples: tuple | None = None, max_examples: int = 0,
-                      seed: int = 0, chunk: int = 256, validation_fraction: float = 0.0, test_fraction: float = 0.0,
-                      root: str = "", policy: str = "auto") -> Iterator[pb.RegisterTaskRequest]:
+                      seed: int = 0, chunk: int = 256, validation_fraction: float | None = None,
+                      test_fraction: float | None = None, root: str = "", policy: str = "auto"
+                      ) -> Iterator[pb.RegisterTaskRequest]:
     """RegisterTask's request stream: the spec, the examples in `chunk`-image batches, then the UploadEnd
-    that commits them. The spec and the examples are checked now, before anything is sent."""
+    that commits them. The spec and the examples are checked now, before anything is sent. A fraction
+    left None is not sent (the server's default, 0.1); 0 is sent and means none."""
     spec = pb.TaskSpec(name=name, labels=list(labels or []), max_examples=max_examples, seed=seed,
                        validation_fraction=validation_fraction, test_fraction=test_fraction, root=root,
                        policy=_policy(policy))
@@ -587,8 +592,9 @@ class MunetClient:
     def register_task(self, name: str, labels: Sequence[str] | None = None, builtin: str | None = None,
                       npz_file: str | None = None,
                       examples: tuple[np.ndarray, Sequence[int]] | tuple[np.ndarray, Sequence[int], Any] | None = None,
-                      max_examples: int = 0, seed: int = 0, chunk: int = 256, validation_fraction: float = 0.0,
-                      test_fraction: float = 0.0, timeout: float | None = None, root: str = "",
+                      max_examples: int = 0, seed: int = 0, chunk: int = 256,
+                      validation_fraction: float | None = None, test_fraction: float | None = None,
+                      timeout: float | None = None, root: str = "",
                       policy: str = "auto") -> Task:
         """Create a task from a built-in data set, a file in the server's import directory and/or
         uploaded `(x, y[, split])` examples (streamed in `chunk`-image messages; x an (N, H, W[, C])

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from functools import cache
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 ENV_PREFIX = "MUNET_"
 CONFIG_FILE_ENV = "MUNET_CONFIG"
@@ -123,6 +123,20 @@ class Config:
     evolution_max_validation: int = setting(2000, "validation examples per generation")
     gc_min_age_s: float = setting(600.0, "never garbage-collect a module younger than this (s): a registration may "
                                          "still hold it")
+    # beyond one machine: several serving processes share one store; one of them (the holder of a lease
+    # in the store) runs evolution, the others only serve what the store says
+    database_url: str = setting("", "PostgreSQL URL for the store's metadata (postgresql://user@host/db); module and "
+                                    "example files stay under home, which must then be a shared directory. Empty: "
+                                    "SQLite in home")
+    evolution_backend: Literal["local", "ray"] = setting("local", "where candidates train: local (the evolution "
+                                                                  "process on this machine) or ray (as Ray tasks on "
+                                                                  "ray_address)")
+    ray_address: str = setting("local", "the Ray cluster for evolution_backend=ray: host:port of its head, or local "
+                                        "for a Ray instance started on this machine")
+    leader: bool = setting(True, "may lead evolution (take the store's evolution lease); false: only serve")
+    leader_lease_s: float = setting(10.0, "the evolution lease's length (s): a dead leader is replaced within it")
+    follow_interval_s: float = setting(0.1, "how often a server checks the store for changes other processes made "
+                                            "(s; a cheap check, the reload runs only on a change)")
 
     @property
     def imports(self) -> Path:

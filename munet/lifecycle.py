@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 
 log = logging.getLogger(__name__)
+
+
+def setup_logging() -> None:
+    level = os.environ.get("MUNET_LOG_LEVEL", "INFO").upper()
+    # BentoML installs its own root handlers; then ours only needs the level on the munet logger
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("munet").setLevel(level)
 
 
 def die_with_parent() -> None:

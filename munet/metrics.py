@@ -58,6 +58,11 @@ VERSION_LOADS = Counter("munet_version_loads", "Versions loaded because a reques
                         ["task"])
 VERSION_LOAD_SECONDS = Histogram("munet_version_load_seconds", "Time to load, check and warm a version on request",
                                  buckets=(0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0))
+# a version the store says to serve that this process could not load (the old one keeps serving)
+FOLLOW_FAILURES = Counter("munet_follow_failures", "Versions the store made current or pending that this server "
+                          "could not load (it keeps serving the old one and retries)", ["task"])
+LEADER = Gauge("munet_leader", "1 while this server holds the store's evolution lease (runs evolution)",
+               multiprocess_mode="livemax")
 # shadow evaluation of a pending version (service/shadow.py)
 SHADOW_IMAGES = Counter("munet_shadow_images", "Live images a pending version also answered, in shadow", ["task"])
 SHADOW_AGREEMENTS = Counter("munet_shadow_agreements", "Shadow images whose top-1 matched the served version's",

@@ -43,5 +43,92 @@ def make_app(tmp_path):
             app.close()
 
 
+@pytest.fixture(scope="session")
+def munet_serve(tmp_path_factory):
+    """One shipped `munet serve` (HTTP and gRPC, admin token, demo task) for the whole session: the HTTP
+    tests and the HTTP/gRPC twin tests (test_semantics.py) share it instead of starting one each."""
+    from serve_fixture import serve
+
+    with serve(tmp_path_factory.mktemp("serve-home")) as served:
+        yield served
+
+
 def register_digits(app: App, name: str = "digits", max_examples: int = 500, seed: int = 0, builtin="uci_digits"):
     return app.core.register_task(TaskSpec(name=name, builtin=builtin, max_examples=max_examples, seed=seed))
+
+
+def wait_until(condition, timeout: float = 20.0, what: str = "condition") -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def evolve(app: App, task: str, **kwargs):
+    """One generation in this process, as the scheduler runs it; returns once this server serves what
+    the generation published (the server follows the store, as every server does)."""
+    report = app.evolution.evolver.run_generation(task, **kwargs)
+    if report.promoted:
+        wait_until(lambda: (p := app.core.runtime.get(task)) is not None and p.version == report.promoted_version,
+                   what=f"{task} v{report.promoted_version} to be served")
+    if report.pending_version:
+        wait_until(lambda: (p := app.core.shadows.get(task)) is not None and p.version == report.pending_version,
+                   what=f"{task} v{report.pending_version} to be loaded as pending")
+    return report
+
+
+# ---- the store on both backends: SQLite in a home, PostgreSQL (a private server, tests/postgres.py) ----
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL server for the session, started on first use. Missing binaries fail the
+    tests that need it (CI must run the PostgreSQL suite), with how to install them."""
+    from postgres import PostgresServer
+
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def database_url(postgres):
+    """A new, empty PostgreSQL database for one test (dropped afterwards)."""
+    url = postgres.create_database()
+    yield url
+    postgres.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request) -> str:
+    """The test runs once per backend: "" (SQLite in the home) or a new PostgreSQL database's URL."""
+    return "" if request.param == "sqlite" else request.getfixturevalue("database_url")
+
+
+@pytest.fixture
+def open_store(tmp_path, store_url):
+    """Opens Stores on one home and database (each one as another process or host sees the store);
+    closes them afterwards."""
+    from munet.models.store import Store
+
+    stores: list[Store] = []
+
+    def make(home=None) -> Store:
+        s = Store(home or tmp_path / "home", store_url)
+        stores.append(s)
+        return s
+
+    yield make
+    for s in stores:
+        with contextlib.suppress(Exception):  # already closed by the test
+            s.close()
+
+
+@pytest.fixture
+def store(open_store):
+    return open_store()

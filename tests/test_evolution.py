@@ -8,10 +8,12 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import register_digits
+from conftest import evolve, register_digits
 
 from munet.data.builtin import load_builtin
 from munet.data.splits import TEST
+from munet.models.modules import module_config
+from munet.models.store import content_id
 from munet.service.core import UNSPECIFIED, Examples
 
 pytestmark = pytest.mark.slow
@@ -37,7 +39,7 @@ def test_evolving_one_task_leaves_other_tasks_bit_identical(make_app):
     evolved_v0 = app.store.get_path("evolved").version
     for _ in range(3):
         _force_promotion(app, "evolved")
-        report = app.evolution.evolver.run_generation("evolved")
+        report = evolve(app, "evolved")
         assert report.promoted, report.error
     assert app.store.get_path("evolved").version > evolved_v0
     after_path = app.store.get_path("bystander")
@@ -45,9 +47,12 @@ def test_evolving_one_task_leaves_other_tasks_bit_identical(make_app):
     assert after_path.version == before_path.version
     assert after_path.modules == before_path.modules
     assert np.array_equal(before, after)  # bit-identical, not merely close
-    # the bystander's modules are still on disk and unchanged: they are content-addressed
+    # the bystander's modules are still on disk and unchanged: reloaded, each one's weights still hash
+    # to the content id it was stored under
     for m in before_path.modules:
         assert app.store.has_module(m)
+        loaded = app.store.load_module(m)
+        assert content_id(loaded.kind, module_config(loaded), loaded) == m
 
 
 def test_promotion_under_load_loses_no_request(make_app):
@@ -71,17 +76,17 @@ def test_promotion_under_load_loses_no_request(make_app):
 
         await asyncio.gather(*(one() for _ in range(4)))
 
-    def evolve() -> None:
+    def generation() -> None:
         try:
             _force_promotion(app, "live")
-            report = app.evolution.evolver.run_generation("live")
+            report = evolve(app, "live")  # returns once the server follows the store to the new version
             assert report.promoted, report.error
         finally:
             # a few more requests after the swap, then stop
             threading.Timer(0.5, stop.set).start()
 
     async def main() -> None:
-        t = threading.Thread(target=evolve)
+        t = threading.Thread(target=generation)
         t.start()
         await clients()
         t.join()
@@ -111,7 +116,7 @@ def test_failed_promotion_keeps_the_old_version_serving(make_app, monkeypatch):
 
     monkeypatch.setattr(export, "export_module", lambda module: b"not an onnx model")
     _force_promotion(app, "guarded")
-    report = app.evolution.evolver.run_generation("guarded")
+    report = evolve(app, "guarded")
     assert not report.promoted and report.error
     assert app.store.get_path("guarded").version == cur.version
     assert app.core.runtime.get("guarded").version == cur.version
@@ -127,7 +132,7 @@ def test_restart_serves_the_promoted_version_and_rollback_returns_the_previous(m
     register_digits(app, "durable")
     v1 = app.store.get_path("durable").version
     _force_promotion(app, "durable")
-    assert app.evolution.evolver.run_generation("durable").promoted
+    assert evolve(app, "durable").promoted
     v2 = app.store.get_path("durable").version
     _, out_v2 = app.core.predict_sync("durable", _fixed_inputs())
     app.close()
@@ -165,7 +170,7 @@ def test_new_examples_of_a_new_style_lift_accuracy_on_that_style(make_app):
     counts = app.core.add_examples("digits", Examples(inv[new_train], ds.y[new_train].astype(np.int64), split))
     assert counts["train"] > 0 and counts["validation"] > 0 and counts["test"] == 0
     for _ in range(3):
-        app.evolution.evolver.run_generation("digits", n_candidates=2)
+        evolve(app, "digits", n_candidates=2)
     after = acc_on_style()
     assert after > before + 0.1, (before, after)
     _, other_after = app.core.predict_sync("other", _fixed_inputs())
@@ -198,7 +203,7 @@ def test_a_generation_for_a_task_deleted_and_registered_again_keeps_nothing(make
         register_digits(app, "reborn", builtin="animal_shapes", max_examples=300)
 
     _during_training(app, delete_and_register_again)
-    report = app.evolution.evolver.run_generation("reborn", n_candidates=1)
+    report = evolve(app, "reborn", n_candidates=1)
     assert not report.promoted and report.error.startswith("discarded:"), report.error
     assert "registered again" in report.error
     # the new task is untouched: its own first version, nothing of the old task's generation
@@ -211,11 +216,11 @@ def test_a_rollback_during_a_generation_is_not_undone(make_app):
     app = make_app()
     register_digits(app, "steady", seed=2)
     _force_promotion(app, "steady")
-    first = app.evolution.evolver.run_generation("steady", n_candidates=1)
+    first = evolve(app, "steady", n_candidates=1)
     assert first.promoted and app.store.get_task("steady").current_version == first.promoted_version
     _force_promotion(app, "steady")
     _during_training(app, lambda: app.core.rollback("steady", 1))  # which also freezes the task
-    report = app.evolution.evolver.run_generation("steady", n_candidates=1)
+    report = evolve(app, "steady", n_candidates=1)
     assert not report.promoted and "frozen during the generation" in report.error, report.error
     assert app.store.get_task("steady").current_version == 1  # the operator's rollback stands
     assert app.core.runtime.get("steady").version == 1
@@ -226,7 +231,7 @@ def test_a_rollback_during_a_generation_is_not_undone(make_app):
     app.core.set_policy("steady", "auto")
     _force_promotion(app, "steady")
     _during_training(app, lambda: app.core.rollback("steady", 1, policy="auto"))
-    report = app.evolution.evolver.run_generation("steady", n_candidates=1)
+    report = evolve(app, "steady", n_candidates=1)
     assert not report.promoted and report.outcome == "superseded", report
     assert app.store.get_task("steady").current_version == 1
     stale = app.store.get_path("steady", report.candidates[0].version)
@@ -244,7 +249,7 @@ def test_retired_versions_and_deleted_tasks_leave_the_metrics(make_app):
     register_digits(app, "watched", seed=4)
     assert path_modules("watched", 1) and all(s.value == 1 for s in path_modules("watched", 1))
     _force_promotion(app, "watched")
-    report = app.evolution.evolver.run_generation("watched", n_candidates=1)
+    report = evolve(app, "watched", n_candidates=1)
     assert report.promoted
     assert not path_modules("watched", 1)  # the retired version's series are gone
     assert path_modules("watched", report.promoted_version)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from munet import metrics
-from tests.conftest import register_digits
+from tests.conftest import register_digits, wait_until
 
 
 def _wait(cond, timeout: float = 120.0, what: str = "condition") -> None:
@@ -51,9 +51,11 @@ def test_a_generation_trains_and_promotes_in_a_niced_child_process(evolving):
     assert pid is not None and pid != os.getpid()
     assert os.getpriority(os.PRIO_PROCESS, pid) >= min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
     assert report.error == "" and report.promoted, report.summary()
-    # the server swapped the promoted version in: its sessions came from ONNX files the worker exported
+    # the worker published to the store; the server follows it and swaps the version in, its sessions
+    # from the ONNX files the worker exported
     stored = app.store.get_task("digits").current_version
-    assert app.core.runtime.get("digits").version == report.promoted_version == stored
+    assert stored == report.promoted_version
+    wait_until(lambda: app.core.runtime.get("digits").version == stored, what="the server to follow the store")
     assert app.core.predict_sync("digits", np.zeros((2, 8, 8), np.uint8))[1].shape == (2, 10)
     # metrics of the generation are recorded where they are scraped: in the server
     assert metrics.GENERATIONS.labels("digits")._value.get() == before + 1

@@ -19,7 +19,7 @@ from munet.data.splits import TRAIN
 from munet.evolution.scoring import paired_margin
 from munet.models.store import SCHEMA_VERSION, Store
 from munet.service.core import Examples
-from tests.conftest import register_digits
+from tests.conftest import evolve, register_digits
 
 pytestmark = pytest.mark.slow
 
@@ -151,6 +151,7 @@ def test_task_evolution_settings_override_the_servers(server):
     t = c.set_task_policy("tuned", candidates_per_generation=0, candidate_budget_seconds=0)
     assert t.evolution == {}
     assert _code(lambda: c.set_task_policy("tuned", scale_base=1.5)) == "INVALID_ARGUMENT"
+    assert _code(lambda: c.set_task_policy("tuned", candidates_per_generation=10**6)) == "INVALID_ARGUMENT"
     assert _code(lambda: c.set_task_policy("tuned", "sometimes")) == "INVALID_ARGUMENT"
     assert _code(lambda: c.set_task_policy("nobody", "frozen")) == "NOT_FOUND"
     assert _code(lambda: c.register_task("bad", builtin="uci_digits", policy="sometimes")) == "INVALID_ARGUMENT"
@@ -161,7 +162,7 @@ def test_a_margin_keeps_noise_from_swapping_versions(make_app):
     app = make_app(promotion_min_margin=2.0, evolution_process=False)  # no score can clear it
     register_digits(app, "steady", max_examples=300)
     app.store.update_path("steady", 1, score=0.0)
-    report = app.evolution.evolver.run_generation("steady", n_candidates=2)
+    report = evolve(app, "steady", n_candidates=2)
     assert not report.promoted and report.outcome == "" and app.store.get_task("steady").current_version == 1
     kept = [v for v in app.store.list_versions("steady") if v.version > 1]
     assert kept and all("not promoted" in v.lineage["decision"] for v in kept)
@@ -280,6 +281,6 @@ def test_auto_does_not_promote_a_winner_that_is_worse_on_labels_that_arrived_mea
         return False
 
     app.evolution.evolver.should_pause = label_during_training
-    report = app.evolution.evolver.run_generation("fresh", n_candidates=1)
+    report = evolve(app, "fresh", n_candidates=1)
     assert done and not report.promoted and "labelled during the generation" in report.error, report
     assert app.store.get_task("fresh").current_version == 1

@@ -10,10 +10,13 @@ import torch
 from munet.config import Config
 from munet.data.splits import TEST, TRAIN, VALIDATION
 from munet.evolution.mutations import DEFAULT_HPARAMS
-from munet.evolution.scoring import accounted_params, paired_margin, score
-from munet.evolution.train import FrozenRunner, accuracy, fit_head, predict_classes
+from munet.evolution.scoring import paired_margin, score
+from munet.evolution.train import FrozenRunner, fit_head
+from munet.models.accounting import accounted_params
+from munet.models.export import export_and_check
 from munet.models.roots import ensure_root, root_params
 from munet.models.store import PathRecord, Store, TaskRecord
+from munet.models.training import accuracy, predict_classes
 
 log = logging.getLogger(__name__)
 
@@ -91,4 +94,7 @@ class InitialPaths:
             validation_accuracy=val, test_accuracy=test,
             score=score(val, accounted, n_root, self.config.scale_base),
         )
-        return self.store.add_path_version(rec)
+        rec = self.store.add_path_version(rec)
+        # published like every version: exported and checked here, so servers only load it
+        export_and_check(self.store, rec, self.config.parity_atol, self.config.training_threads)
+        return rec

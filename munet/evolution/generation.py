@@ -18,12 +18,15 @@ from munet.data.images import to_model_input
 from munet.data.splits import TEST, TRAIN, VALIDATION
 from munet.errors import FailedPrecondition, NotFound
 from munet.evolution.mutations import DEFAULT_HPARAMS, Candidate, is_conv, mutate_path
-from munet.evolution.promotion import persist_candidate, promote
+from munet.evolution.promotion import offer, persist_candidate, promote
 from munet.evolution.scoring import paired_margin
 from munet.evolution.scoring import score as scale_score
-from munet.evolution.train import FrozenRunner, PrefixCache, predict_classes, train_candidate
+from munet.evolution.train import FrozenRunner, PrefixCache
+from munet.evolution.trainers import TrainJob, TrainOutcome, TrainSettings, make_trainer
+from munet.models.accounting import accounted_params
 from munet.models.roots import all_root_modules, ensure_root, root_params
 from munet.models.store import Expectation, PathRecord, Store, Superseded, TaskRecord
+from munet.models.training import predict_classes
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ class CandidateReport:
     prepare_seconds: float = 0.0  # computing the frozen prefix's outputs (0 when cached already)
     survived: bool = False
     version: int | None = None
+    error: str = ""  # why it failed to train ("" when it trained); a failed candidate scores 0 and is not kept
 
 
 @dataclass
@@ -98,25 +102,15 @@ def record_metrics(report: GenerationReport) -> None:
 
 
 def _predict(chain: list[nn.Module], x: torch.Tensor, batch: int = 256) -> np.ndarray:
-    out = []
-    for i in range(0, len(x), batch):
-        h = x[i:i + batch]
-        for m in chain:
-            m.eval()
-            h = m(h)
-        out.append(h.argmax(1).numpy())
-    return np.concatenate(out)
+    return predict_classes(nn.Sequential(*chain), x, batch)
 
 
 class Evolver:
-    def __init__(self, config: Config, store: Store, activate: Callable[..., object],
-                 should_pause: Callable[[], bool] | None = None, stage: Callable[[PathRecord], object] | None = None):
+    def __init__(self, config: Config, store: Store, should_pause: Callable[[], bool] | None = None):
         self.config = config
         self.store = store
-        self.activate = activate
-        # policy "approve": export, check and load a pending version without serving it
-        self.stage = stage
         self.should_pause = should_pause
+        self.trainer = make_trainer(config)  # evolution_backend: local or ray
         self.cache = PrefixCache()
         self.runner = FrozenRunner(store, config.training_threads)
         self.offspring: dict[tuple[str, int | None], int] = {}
@@ -150,8 +144,7 @@ class Evolver:
         prefix = rec.modules[:-1]
         feats = self._features(prefix, x, key)
         head = self.store.load_module(rec.modules[-1])
-        with torch.no_grad():
-            return torch.cat([head(feats[i:i + 512].float()) for i in range(0, len(feats), 512)]).argmax(1).numpy()
+        return predict_classes(head, feats)
 
     def path_accuracy(self, rec: PathRecord, split: int, x: np.ndarray, y: np.ndarray, key: tuple) -> float:
         if len(y) == 0:
@@ -159,11 +152,7 @@ class Evolver:
         return float((self.path_predictions(rec, x, key) == y).mean())
 
     def accounted(self, task: str, modules: list[str], new_params: int = 0) -> float:
-        users = self.store.module_users()
-        total = float(new_params)
-        for m in modules:
-            total += self.store.module_record(m).params / len(users.get(m, set()) | {task})
-        return total
+        return accounted_params(self.store, task, modules, new_params)
 
     def setting(self, task: TaskRecord, name: str):
         """A task's own evolution setting, else the server's."""
@@ -255,7 +244,14 @@ class Evolver:
         head_module = self.store.load_module(own_head)
         best: tuple[float, Candidate, CandidateReport] | None = None
         trained: list[tuple[Candidate, CandidateReport]] = []
-        for i in range(n_candidates):
+        # every candidate is drawn before any trains (training draws nothing from `rng`: the candidates
+        # are those that training them one by one would draw), then the trainer trains them all: one
+        # after another here, or in parallel as Ray tasks (evolution_backend)
+        picks: list[tuple[PathRecord, Candidate, TrainJob, int, float]] = []
+        # new modules (adapters, blocks, heads) take their initial weights from torch's global generator:
+        # seeded per generation, so a generation repeats, and is the same on either backend
+        torch.manual_seed(zlib.crc32(f"{cfg.seed}/{gen}/{task}".encode()))
+        for _ in range(n_candidates):
             parent = self.sample_parent(population, seeds, rng)
             self.offspring[(parent.task, parent.version)] = self.offspring.get((parent.task, parent.version), 0) + 1
             parent_modules = [(m, self.store.load_module(m)) for m in parent.modules]
@@ -264,19 +260,40 @@ class Evolver:
             cand = mutate_path(task, parent_modules, parent.task, parent.version if parent.task == task else None,
                                parent.hparams, head_module, root_blocks, rng, max_blocks=len(root_blocks) + 2,
                                own=own)
-            rep = self._train(cand, xt, yt, xv, yv, ev, budget_s, n_root, int(rng.integers(1 << 31)), scale_base)
+            picks.append((parent, cand, *self._prepare(cand, xt, xv, ev, int(rng.integers(1 << 31)))))
+        reports: dict[int, CandidateReport] = {}  # by candidate, filled as each finishes (in any order)
+
+        def done(i: int, out: TrainOutcome) -> None:
+            parent, cand, job, cached, prepare = picks[i]
+            rep = self._report(cand, job, out, cached, prepare, len(yt), n_root, scale_base)
             parent_score = parent.score if parent.task == task else None
-            rep.survived = parent_score is None or rep.score > parent_score
+            rep.survived = not rep.error and (parent_score is None or rep.score > parent_score)
+            reports[i] = rep
+            if rep.error:
+                log.warning("%s gen %d cand %d/%d: parent %s v%s, %s -> failed (%s): %s", task, gen, i + 1,
+                            n_candidates, parent.task, parent.version, ",".join(cand.mutations) or "-", out.worker,
+                            rep.error)
+            else:
+                log.info("%s gen %d cand %d/%d: parent %s v%s, %s -> val %.4f score %.4f (%.1f s, %d steps, "
+                         "%d cached, %s)", task, gen, i + 1, n_candidates, parent.task, parent.version,
+                         ",".join(cand.mutations) or "-", rep.validation_accuracy, rep.score, rep.seconds, rep.steps,
+                         rep.cached_prefix, out.worker)
+            if progress:
+                progress(len(reports), n_candidates)
+
+        self.trainer.train([job for _, _, job, _, _ in picks],
+                           TrainSettings(yt, yv, budget_s, cfg.train_batch_size, cfg.candidate_max_steps,
+                                         cfg.training_threads), done, self.should_pause)
+        for i, (_, cand, _, _, _) in enumerate(picks):  # in the order drawn, however they finished
+            rep = reports[i]
             report.candidates.append(rep)
             trained.append((cand, rep))
-            log.info("%s gen %d cand %d/%d: parent %s v%s, %s -> val %.4f score %.4f (%.1f s, %d steps, %d cached)",
-                     task, gen, i + 1, n_candidates, parent.task, parent.version, ",".join(cand.mutations) or "-",
-                     rep.validation_accuracy, rep.score, rep.seconds, rep.steps, rep.cached_prefix)
-            if best is None or rep.score > best[0]:
+            if not rep.error and (best is None or rep.score > best[0]):
                 best = (rep.score, cand, rep)
-            if progress:
-                progress(i + 1, n_candidates)
-        assert best is not None
+        if best is None:
+            report.error = f"every candidate failed to train; the first: {report.candidates[0].error}"
+            report.seconds = time.perf_counter() - t_start
+            return report
         report.best_score = best[0]
         gone = self._superseded(task, expect)
         if gone:
@@ -310,10 +327,11 @@ class Evolver:
             rec.test_accuracy = self.path_accuracy(rec, TEST, x_test, y_test, (task, ev, "test", rec.version))
             self.store.update_path(task, rec.version, test_accuracy=rec.test_accuracy)
             if policy == "approve":
-                report.outcome, report.error = self._make_pending(rec, why)
+                report.outcome, report.error = offer(self.store, rec, why, cfg.parity_atol, cfg.training_threads)
                 report.pending_version = rec.version if report.outcome == "pending" else 0
             else:
-                report.outcome, report.error = promote(self.store, self.activate, rec, expect)
+                report.outcome, report.error = promote(self.store, rec, expect, cfg.parity_atol,
+                                                       cfg.training_threads)
                 report.promoted = report.outcome == "promoted"
                 report.promoted_version = rec.version if report.promoted else 0
                 if report.promoted:
@@ -374,55 +392,43 @@ class Evolver:
                     f"the incumbent v{incumbent.version} {acc_old:.4f}")
         return ""
 
-    def _make_pending(self, rec: PathRecord, why: str) -> tuple[str, str]:
-        """Policy "approve": the winner waits as "pending", exported, checked and loaded (Predict can ask
-        for its version), until an operator promotes or rejects it. It replaces any older pending one."""
-        for v in self.store.list_versions(rec.task):
-            if v.status == "pending" and v.version != rec.version:
-                self.store.set_path_status(rec.task, v.version, "candidate",
-                                           note=f"no longer pending: v{rec.version} replaced it")
-        try:
-            if self.stage is not None:
-                self.stage(rec)
-        except Exception as e:  # noqa: BLE001 - export, parity or load: all mean "do not offer this"
-            msg = f"{type(e).__name__}: {e}"
-            self.store.set_path_status(rec.task, rec.version, "failed", note=msg[:500])
-            return "failed", msg
-        self.store.set_path_status(rec.task, rec.version, "pending", note=f"waiting for approval: {why}")
-        log.info("%s v%d pending approval (%s)", rec.task, rec.version, why)
-        return "pending", ""
-
     def _lineage(self, cand: Candidate, rep: CandidateReport, ev: str, scale_base: float) -> dict:
         return {"scale_base": scale_base, "parents": [cand.parent_version] if cand.parent_version is not None else [],
                 "parent_task": cand.parent_task, "mutations": cand.mutations, "added_params": rep.added_params,
                 "training_seconds": round(rep.seconds, 3), "steps": rep.steps, "examples": rep.examples,
                 "cached_prefix": rep.cached_prefix, "examples_version": ev}
 
-    def _train(self, cand: Candidate, xt: np.ndarray, yt: np.ndarray, xv: np.ndarray, yv: np.ndarray, ev: str,
-               budget_s: float, n_root: int, seed: int, scale_base: float) -> CandidateReport:
-        cfg = self.config
+    def _prepare(self, cand: Candidate, xt: np.ndarray, xv: np.ndarray, ev: str,
+                 seed: int) -> tuple[TrainJob, int, float]:
+        """The candidate as a job any trainer can train: its chain after the frozen prefix whose outputs
+        are cached (computed here, on the leader, once per prefix), with the modules it loads from the
+        store. Also the number of cached modules and the seconds the cache took."""
         t0 = time.perf_counter()
         prefix = cand.frozen_prefix()
         if prefix and not self._cacheable(prefix, xt, len(xt) + len(xv)):
             prefix = []
         rest = cand.slots[len(prefix):]
         chain: list[nn.Module] = [s.module if s.trainable else self.store.load_module(s.module_id) for s in rest]
-        trainable = cand.trainable_modules()
         # new convolutional blocks have no BatchNorm statistics yet: measured on this task's data
         new_conv = [s.module for s in cand.slots if s.trainable and s.origin.startswith("new:") and is_conv(s.module)]
         train_in = self._features(prefix, xt, (cand.task, ev, "train"))
         val_in = self._features(prefix, xv, (cand.task, ev, "val"))
-        prepare = time.perf_counter() - t0
-        res = train_candidate(chain, trainable, train_in, yt, val_in, yv, cand.hparams, cfg.train_batch_size,
-                              cfg.candidate_max_steps, budget_s, raw_images=not prefix, seed=seed,
-                              should_pause=self.should_pause, calibrate=new_conv)
+        job = TrainJob(chain, [None if s.trainable else s.module_id for s in rest], cand.trainable_modules(), new_conv,
+                       train_in, val_in, raw_images=not prefix, hparams=cand.hparams, seed=seed)
+        return job, len(prefix), time.perf_counter() - t0
+
+    def _report(self, cand: Candidate, job: TrainJob, out: TrainOutcome, cached: int, prepare: float, n_train: int,
+                n_root: int, scale_base: float) -> CandidateReport:
+        added = sum(p.numel() for m in job.trainable for p in m.parameters())
+        res = out.result
+        if res is None:
+            return CandidateReport(cand.parent_task, cand.parent_version, cand.mutations, 0.0, 0.0, added, 0.0, 0,
+                                   cached, prepare_seconds=prepare, error=out.error)
         # per-image answers on validation, for the paired promotion margin (the best candidate's is used)
-        self._val_predictions[id(cand)] = predict_classes(nn.Sequential(*chain), val_in)
-        added = sum(p.numel() for m in trainable for p in m.parameters())
+        self._val_predictions[id(cand)] = out.val_predictions
         frozen_ids = [s.module_id for s in cand.slots if not s.trainable]
         accounted = self.accounted(cand.task, frozen_ids, new_params=added)
         sc = scale_score(res.validation_accuracy, accounted, n_root, scale_base)
-        rep = CandidateReport(cand.parent_task, cand.parent_version, cand.mutations, res.validation_accuracy, sc,
-                              added, res.seconds, res.steps, len(prefix),
-                              examples=res.steps * min(cfg.train_batch_size, len(yt)), prepare_seconds=prepare)
-        return rep
+        return CandidateReport(cand.parent_task, cand.parent_version, cand.mutations, res.validation_accuracy, sc,
+                               added, res.seconds, res.steps, cached,
+                               examples=res.steps * min(self.config.train_batch_size, n_train), prepare_seconds=prepare)

@@ -3,9 +3,9 @@
 Generations train in the evolution worker process (`evolution_process`, default on; see worker.py)
 with `training_threads` torch threads (default 1 of the 2 cores) at a lower CPU priority, and pause
 whenever the serving queue is deeper than `pause_queue_depth` images, so serving keeps its latency.
-With `evolution_process` off they run in the scheduler's thread of the server (tests, tools). A file
-lock in the data root makes sure that only one scheduler evolves a store, whatever the number of
-server processes or workers.
+With `evolution_process` off they run in the scheduler's thread of the server (tests, tools). Only
+the server process holding the store's evolution lease (munet/leader.py) runs this scheduler,
+however many servers share the store, on one host or many.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import fcntl
 import logging
 import threading
 import time
@@ -34,20 +33,17 @@ log = logging.getLogger(__name__)
 
 
 class Evolution:
-    def __init__(self, config: Config, store: Store, activate: Callable[..., object],
-                 load_signal: Callable[[], int] = lambda: 0, stage: Callable[..., object] | None = None):
+    def __init__(self, config: Config, store: Store, load_signal: Callable[[], int] = lambda: 0,
+                 leader: Callable[[], dict | None] = lambda: None):
         self.config = config
         self.store = store
         self.load_signal = load_signal
-        self.evolver = Evolver(config, store, activate, should_pause=self._should_pause, stage=stage)
-        self.worker = EvolutionWorker(config, activate, stage) if config.evolution_process else None
-        self.scheduler = BackgroundScheduler(
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
-            executors={"default": {"type": "threadpool", "max_workers": 2}},
-        )
+        self.leader = leader  # who leads evolution when this process does not (for error messages)
+        self.evolver = Evolver(config, store, should_pause=self._should_pause)
+        self.worker = EvolutionWorker(config) if config.evolution_process else None
+        self.scheduler = self._new_scheduler()
         self._run_lock = threading.Lock()
         self._stop = threading.Event()
-        self._lock_file = None
         self._next = 0
         self.running = False
         self.periodic = False
@@ -60,12 +56,25 @@ class Evolution:
 
     # ---- lifecycle --------------------------------------------------------------------------
 
+    @staticmethod
+    def _new_scheduler() -> BackgroundScheduler:
+        return BackgroundScheduler(
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            executors={"default": {"type": "threadpool", "max_workers": 2}},
+        )
+
+    @property
+    def leading(self) -> bool:
+        return self.scheduler.running
+
     def start(self, periodic: bool = True) -> None:
-        self._lock_file = open(self.config.home / "scheduler.lock", "w")  # noqa: SIM115 - held for life
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise FailedPrecondition(f"another scheduler already evolves the store in {self.config.home}") from None
+        """Lead: run generations on demand, and every interval with `periodic`. Called when this
+        process takes the evolution lease; `shutdown` when it loses it (or stops), and again `start`
+        if it takes it back."""
+        if self.scheduler.running:
+            return
+        self._stop.clear()
+        self.scheduler = self._new_scheduler()
         if periodic:
             interval = self.config.evolve_interval_s
             self.scheduler.add_job(self._tick, "interval", seconds=interval, id="evolve",
@@ -82,9 +91,6 @@ class Evolution:
             self.scheduler.shutdown(wait=False)
         if self.worker is not None:
             self.worker.close()
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
 
     # ---- work -------------------------------------------------------------------------------
 
@@ -180,7 +186,10 @@ class Evolution:
             raise InvalidArgument(f"budget_seconds must be in 0..{self.config.max_candidate_budget_s:g} "
                                   f"(max_candidate_budget_s); got {budget_s}")
         if not self.scheduler.running:
-            raise FailedPrecondition("the evolution scheduler is not running")
+            lease = self.leader()
+            where = (f"the server at {lease['info'].get('grpc') or lease['holder']} leads it"
+                     if lease else "no server leads it right now (one takes the lease within seconds)")
+            raise FailedPrecondition(f"this server does not run evolution: {where}")
         done: concurrent.futures.Future = concurrent.futures.Future()
 
         def job() -> None:
@@ -209,4 +218,6 @@ class Evolution:
             "candidates_total": self.candidates_total, "paused_for_load": self.paused,
             "generations": self.generations, "recent": [r.summary() for r in self.recent],
             "scheduler_enabled": self.periodic, "interval_seconds": self.config.evolve_interval_s,
+            "leading": self.leading,
+            "leader": "" if self.leading else ((self.leader() or {}).get("info", {}).get("grpc", "")),
         }

@@ -9,16 +9,14 @@ generations. The two processes meet through the store, as the rest of munet does
 
     server -> worker   ("config", Config) first, then ("run", task, candidates, budget_s)
                        | ("busy", bool) | ("stop",) | ("exit",)
-    worker -> server   ("progress", done, total) | ("paused", bool) | ("activate", PathRecord, Expectation)
-                       | ("stage", PathRecord)                  (policy approve: load, do not serve)
+    worker -> server   ("progress", done, total) | ("paused", bool)
                        | ("report", GenerationReport) | ("stopped",) | ("not_found" | "frozen" | "failed", msg)
-    server -> worker   ("ok",) | ("superseded", msg) | ("error", msg)  (answers to "activate", "stage")
 
-Promotion is split where the cost is: the worker exports the candidate to ONNX and checks parity
-against torch; the server only loads the exported sessions, warms them, and flips the pointer in
-its own transaction (with the generation's Expectation), so swaps stay atomic and in one place.
-Load-shedding still works across the boundary: the server sends "busy" when its queue passes
-`pause_queue_depth` and the worker's training loop pauses between steps until it hears otherwise.
+The worker publishes its winners itself (evolution/promotion.py: export, parity, the pointer flip in
+the store with the generation's Expectation); the server, like every serving process, follows the
+store and loads what changed. Load-shedding still works across the boundary: the server sends
+"busy" when its queue passes `pause_queue_depth` and the worker's training loop pauses between steps
+until it hears otherwise.
 """
 
 from __future__ import annotations
@@ -31,17 +29,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
-
-import numpy as np
 
 from munet.config import Config
 from munet.errors import NotFound
 from munet.evolution.generation import Frozen, GenerationReport, Stopped
-from munet.models.store import Expectation, PathRecord, Superseded
 
 log = logging.getLogger("munet.evolution.worker")  # also when run as __main__
 
@@ -53,14 +46,12 @@ class WorkerFailed(RuntimeError):
 
 
 class EvolutionWorker:
-    """Server side: starts the worker on first use, runs generations in it, answers its promotions.
+    """Server side: starts the worker on first use, runs generations in it.
 
     Not thread-safe by itself: the scheduler runs one generation at a time (its run lock)."""
 
-    def __init__(self, config: Config, activate: Callable[..., object], stage: Callable[..., object] | None = None):
+    def __init__(self, config: Config):
         self.config = config
-        self.activate = activate
-        self.stage = stage
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
         self._lock = threading.Lock()
@@ -133,10 +124,6 @@ class EvolutionWorker:
                             progress(msg[1], msg[2])
                     elif kind == "paused":
                         self.paused = msg[1]
-                    elif kind == "activate":
-                        self._send(conn, self._activate(msg[1], msg[2]))
-                    elif kind == "stage":
-                        self._send(conn, self._stage(msg[1]))
                     elif kind == "report":
                         return msg[1]
                     elif kind == "stopped":
@@ -155,24 +142,6 @@ class EvolutionWorker:
                 if busy and self._conn is conn:
                     with contextlib.suppress(OSError):
                         self._send(conn, ("busy", False))
-
-    def _activate(self, rec: PathRecord, expect: Expectation | None) -> tuple:
-        try:
-            self.activate(rec, expect=expect, check_parity=False)  # the worker checked parity
-        except Superseded as e:
-            return ("superseded", e.message)
-        except Exception as e:  # noqa: BLE001 - reported to the worker, which records the failure
-            return ("error", f"{type(e).__name__}: {e}")
-        return ("ok",)
-
-    def _stage(self, rec: PathRecord) -> tuple:
-        if self.stage is None:
-            return ("ok",)
-        try:
-            self.stage(rec, check_parity=False)  # the worker checked parity
-        except Exception as e:  # noqa: BLE001 - reported to the worker, which records the failure
-            return ("error", f"{type(e).__name__}: {e}")
-        return ("ok",)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker: at its next training step if a generation runs, else at once."""
@@ -201,7 +170,7 @@ class EvolutionWorker:
 
 class _Inbox:
     """The worker's side of the socket: one reader thread applies control messages at once ("busy",
-    "stop") and queues the rest (runs, answers to promotions) for the generation's thread."""
+    "stop") and queues the rest (runs) for the generation's thread."""
 
     def __init__(self, conn: Connection):
         self.conn = conn
@@ -230,8 +199,7 @@ class _Inbox:
 
 
 def worker_main(fd: int) -> None:
-    from munet.app import setup_logging
-    from munet.lifecycle import die_with_parent
+    from munet.lifecycle import die_with_parent, setup_logging
 
     setup_logging()
     die_with_parent()
@@ -240,10 +208,10 @@ def worker_main(fd: int) -> None:
     assert kind == "config", kind
     lower_priority(config)
     from munet.evolution.generation import Evolver
-    from munet.models.store import Store
+    from munet.models.store import open_store
 
     inbox = _Inbox(conn)
-    store = Store(config.home)
+    store = open_store(config)  # the same backend as its server: the config came from it
 
     paused = [False]
 
@@ -255,25 +223,7 @@ def worker_main(fd: int) -> None:
             conn.send(("paused", paused[0]))
         return paused[0]
 
-    def ask_server(msg: tuple) -> None:
-        conn.send(msg)
-        answer = inbox.get()
-        if answer[0] == "exit":
-            raise Stopped()
-        if answer[0] == "superseded":
-            raise Superseded(answer[1])
-        if answer[0] == "error":
-            raise RuntimeError(answer[1])
-
-    def activate(rec: PathRecord, expect: Expectation | None = None) -> None:
-        check_exported(config, store, rec)
-        ask_server(("activate", rec, expect))
-
-    def stage(rec: PathRecord) -> None:
-        check_exported(config, store, rec)
-        ask_server(("stage", rec))
-
-    evolver = Evolver(config, store, activate, should_pause=should_pause, stage=stage)
+    evolver = Evolver(config, store, should_pause=should_pause)
     try:
         while True:
             msg = inbox.get()
@@ -316,38 +266,6 @@ def lower_priority(config: Config) -> None:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         except OSError as e:
             log.warning("could not give the evolution worker the idle scheduling class: %s", e)
-
-
-def check_exported(config: Config, store: Any, rec: PathRecord, n: int = 4) -> float:
-    """Export every module of `rec` to ONNX (stored beside its weights) and compare the chain's ONNX
-    Runtime output with torch's, in this process: the server then only loads and warms sessions."""
-    import onnxruntime as ort
-
-    from munet.errors import FailedPrecondition
-    from munet.models.export import ensure_onnx, parity_error
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = max(1, config.training_threads)
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    sessions = [ort.InferenceSession(ensure_onnx(store, m), sess_options=so, providers=["CPUExecutionProvider"])
-                for m in rec.modules]
-
-    def run(x: np.ndarray) -> np.ndarray:
-        for s in sessions:
-            x = s.run(None, {"x": x})[0]
-        return x
-
-    size = store.get_task(rec.task).image_size
-    chans = store.module_record(rec.modules[0]).config.get("in_chans", 3)
-    x = np.random.default_rng(1).random((n, chans, size, size), dtype=np.float32)
-    t0 = time.perf_counter()
-    err = parity_error(store, list(rec.modules), x, run)
-    if not err <= config.parity_atol:
-        raise FailedPrecondition(f"ONNX output differs from torch by {err:.2e} (> {config.parity_atol}) "
-                                 f"for {rec.task} v{rec.version}")
-    log.info("%s v%d exported, parity %.1e (%.2f s)", rec.task, rec.version, err, time.perf_counter() - t0)
-    return err
 
 
 if __name__ == "__main__":

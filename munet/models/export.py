@@ -69,3 +69,38 @@ def parity_error(store: Store, module_ids: list[str], x: np.ndarray, run_onnx) -
     ref = torch_chain_outputs(store, module_ids, x)
     got = run_onnx(x)
     return float(np.max(np.abs(ref - got)) / max(1.0, float(np.max(np.abs(ref)))))
+
+
+def export_and_check(store: Store, rec, atol: float, threads: int = 1, n: int = 4) -> float:
+    """Publish-ready: export every module of path version `rec` to ONNX (stored beside its weights,
+    once) and compare the chain's ONNX Runtime output with torch's on the same input. Raises
+    FailedPrecondition past `atol`. Runs where the version is made (evolution, registration), so
+    servers only ever load and warm sessions of versions that passed."""
+    import time
+
+    import onnxruntime as ort
+
+    from munet.errors import FailedPrecondition
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, threads)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    sessions = [ort.InferenceSession(ensure_onnx(store, m), sess_options=so, providers=["CPUExecutionProvider"])
+                for m in rec.modules]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        for s in sessions:
+            x = s.run(None, {INPUT: x})[0]
+        return x
+
+    size = store.get_task(rec.task).image_size
+    chans = store.module_record(rec.modules[0]).config.get("in_chans", 3)
+    x = np.random.default_rng(1).random((n, chans, size, size), dtype=np.float32)
+    t0 = time.perf_counter()
+    err = parity_error(store, list(rec.modules), x, run)
+    if not err <= atol:
+        raise FailedPrecondition(f"ONNX output differs from torch by {err:.2e} (> {atol}) for {rec.task} "
+                                 f"v{rec.version}")
+    log.info("%s v%d exported, parity %.1e (%.2f s)", rec.task, rec.version, err, time.perf_counter() - t0)
+    return err

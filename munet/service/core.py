@@ -11,14 +11,12 @@ import asyncio
 import contextlib
 import ctypes
 import gc
-import io
 import logging
 import os
 import re
 import socket
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,9 +29,11 @@ import numpy as np
 from munet import metrics
 from munet.config import Config
 from munet.data import images as imglib
-from munet.data.splits import TEST, TRAIN, VALIDATION, split_indices, split_new_examples
+from munet.data.examples import Examples, InvalidExamples, npz_examples
+from munet.data.splits import TEST, TRAIN, UNSPECIFIED, VALIDATION, split_indices, split_new_examples
 from munet.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, MunetError, NotFound
-from munet.models.export import parity_error
+from munet.models.accounting import accounted_params
+from munet.models.export import export_and_check
 from munet.models.roots import RootUnavailable, all_root_modules, ensure_root, get_root_spec, input_size, resolve_root
 from munet.models.store import (
     Expectation,
@@ -49,7 +49,6 @@ from munet.service.shadow import Shadows
 
 log = logging.getLogger(__name__)
 
-UNSPECIFIED = -1  # an example whose split the server assigns
 NPZ_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,195}\.npz")
 
 
@@ -78,26 +77,6 @@ class TaskSpec:
 
 
 @dataclass
-class Examples:
-    """Labelled images in the model's format; split codes TRAIN/VALIDATION/TEST or UNSPECIFIED."""
-
-    x: np.ndarray  # (N, S, S, 3) uint8 at the task's input size S
-    y: np.ndarray  # (N,) int64
-    split: np.ndarray  # (N,) int8
-
-    @classmethod
-    def empty(cls, size: int = imglib.SIZE) -> Examples:
-        return cls(np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int8))
-
-    @classmethod
-    def concat(cls, parts: list[Examples], size: int = imglib.SIZE) -> Examples:
-        if not parts:
-            return cls.empty(size)
-        return cls(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),
-                   np.concatenate([p.split for p in parts]))
-
-
-@dataclass
 class Prediction:
     top: list[tuple[str, int, float]]  # (label, index, probability), best first
 
@@ -123,6 +102,8 @@ class Core:
                                         config.max_request_images, config.max_queue_images // 2))
         self._registering: set[str] = set()
         self._lock = threading.Lock()
+        self._sync_lock = threading.RLock()  # one sync or flip at a time: swaps never go backwards
+        self._load_failures: dict[tuple[str, int | None], float] = {}  # (task, version) -> retry after
         self.decode_pool = ThreadPoolExecutor(max(1, config.decode_threads), thread_name_prefix="munet-decode")
         self.root = resolve_root(store, config.root)
         self.image_size = self.root_input_size(self.root)
@@ -142,24 +123,16 @@ class Core:
     # ---- lifecycle --------------------------------------------------------------------------
 
     def restore(self, cleanup: bool = True) -> list[str]:
-        """Load every task's current version, as stored. With `cleanup`, drop tasks a crash left
-        half-registered, but never one whose registration still runs in another process."""
-        served = []
-        for t in self.store.list_tasks():
-            if t.current_version is None:
-                if cleanup and not self.registration_alive(t):
+        """Serve every task's current version, and load pending ones, as stored. With `cleanup`, drop
+        tasks a crash left half-registered, but never one whose registration still runs in another
+        process (the leader cleans up; other servers only follow)."""
+        if cleanup:
+            for t in self.store.list_tasks():
+                if t.current_version is None and not self.registration_alive(t):
                     log.warning("task %s was never finished registering (status %s); removing it", t.name, t.status)
                     self.store.delete_task(t.name)
-                continue
-            rec = self.store.get_path(t.name, t.current_version)
-            self._serve(self.runtime.prepare(rec, t.labels, t.image_size), check_parity=False)
-            served.append(t.name)
-            for v in self.store.list_versions(t.name):
-                if v.status == "pending":  # waiting for an operator: loaded, and in shadow again
-                    try:
-                        self.stage(v, check_parity=False)
-                    except Exception as e:  # noqa: BLE001 - it stays pending; Promote loads it again
-                        log.error("pending %s v%d could not be loaded: %s", t.name, v.version, e)
+        self.sync_from_store()
+        served = sorted(self.runtime.tasks())
         log.info("restored %d tasks: %s", len(served), ", ".join(served) or "-")
         return served
 
@@ -180,16 +153,124 @@ class Core:
         created = datetime.fromisoformat(t.created_at)
         return (datetime.now(UTC) - created).total_seconds() < self.config.gc_min_age_s
 
+    # ---- following the store --------------------------------------------------------------------
+    #
+    # The store is the only meeting point: whichever process published a version (this one, the
+    # evolution worker, another server, the leader on another host), every serving process sees the
+    # task's pointer move, loads and warms the modules it lacks, then swaps; requests in flight finish
+    # on the old version. A version that fails to load here keeps the old one serving, is reported
+    # (log, metric, a "failed" event) and is retried after LOAD_RETRY_S.
+
+    LOAD_RETRY_S = 30.0
+
     def sync_from_store(self) -> None:
-        """Follow pointers another process flipped (secondary HTTP workers): load new versions, drop gone tasks."""
-        current = self.store.current_paths()
-        for task, rec in current.items():
-            live = self.runtime.get(task)
-            if live is None or live.version != rec.version:
-                t = self.store.get_task(task)
-                self.runtime.swap(self.runtime.prepare(rec, t.labels, t.image_size))
-        for task in set(self.runtime.tasks()) - set(current):
-            self.runtime.remove(task)
+        """Make this process serve what the store says: current versions, pending ones (loaded for
+        Predict-by-version and shadowed), and no deleted task."""
+        with self._sync_lock:
+            tasks = {t.name: t for t in self.store.list_tasks() if t.current_version is not None}
+            for t in tasks.values():
+                live = self.runtime.get(t.name)
+                if live is None or live.version != t.current_version:
+                    self._follow_version(t)
+                self._follow_pending(t)
+            for task in set(self.runtime.tasks()) - set(tasks):
+                old = self.runtime.get(task)
+                self.runtime.remove(task)
+                self.shadows.clear(task)
+                if old is not None:
+                    _retire_series(old)
+                    _drop(metrics.PATH_VERSION, task)
+                log.info("task %s is gone from the store; no longer serving it", task)
+            self._update_session_metrics()
+
+    def follow(self, interval_s: float) -> threading.Event:
+        """Follow the store from a background thread: every `interval_s`, a cheap check of the store's
+        change token; a sync only when something changed (or a failed load is due again). Set the
+        returned event to stop."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            token = None
+            while not stop.wait(interval_s):
+                try:
+                    now = self.store.change_token()
+                    due = any(t <= time.monotonic() for t in self._load_failures.values())
+                    if now != token or due:
+                        token = now
+                        self.sync_from_store()
+                except Exception:  # noqa: BLE001 - a closing store at shutdown, a transient database error
+                    if not stop.is_set():
+                        log.exception("following the store failed")
+                        stop.wait(1.0)
+
+        threading.Thread(target=loop, name="munet-follow-store", daemon=True).start()
+        return stop
+
+    def _follow_version(self, t: TaskRecord) -> None:
+        key = (t.name, t.current_version)
+        if self._load_failures.get(key, 0.0) > time.monotonic():
+            return
+        try:
+            rec = self.store.get_path(t.name, t.current_version)
+            served = self.runtime.prepare(rec, t.labels, t.image_size)
+        except Exception as e:  # noqa: BLE001 - whatever it is, the old version keeps serving
+            self._load_failures[key] = time.monotonic() + self.LOAD_RETRY_S
+            live = self.runtime.get(t.name)
+            msg = f"{type(e).__name__}: {e}"
+            log.error("cannot load %s v%s, %s: %s", t.name, t.current_version,
+                      f"v{live.version} keeps serving" if live else "not serving it", msg)
+            metrics.FOLLOW_FAILURES.labels(t.name).inc()
+            with contextlib.suppress(Exception):
+                self.store.add_event(t.name, "failed", t.current_version or 0, stage="load", error=msg[:500],
+                                     server=f"{socket.gethostname()}:{os.getpid()}")
+            return
+        self._load_failures.pop(key, None)
+        self._swap_in(served)
+        log.info("serving %s v%d", served.task, served.version)
+
+    def _follow_pending(self, t: TaskRecord) -> None:
+        pending = [v for v in self.store.list_versions(t.name) if v.status == "pending"]
+        shadow = self.shadows.get(t.name)
+        if not pending:
+            if shadow is not None:
+                self.shadows.clear(t.name)
+            return
+        rec = pending[-1]
+        if shadow is not None and shadow.version == rec.version:
+            return
+        key = (t.name, rec.version)
+        if self._load_failures.get(key, 0.0) > time.monotonic():
+            return
+        try:
+            self.shadows.set(self._load_version(rec))
+            self._load_failures.pop(key, None)
+        except Exception as e:  # noqa: BLE001 - it stays pending; Promote loads it again
+            self._load_failures[key] = time.monotonic() + self.LOAD_RETRY_S
+            log.error("pending %s v%d could not be loaded: %s", t.name, rec.version, e)
+
+    def _swap_in(self, served: ServedPath) -> None:
+        old = self.runtime.swap(served)
+        if old is not None and old.version != served.version:
+            _retire_series(old)
+        metrics.PATH_VERSION.labels(served.task).set(served.version)
+        for i, m in enumerate(served.module_ids):
+            metrics.PATH_MODULE.labels(served.task, str(served.version), str(i), m).set(1)
+        shadow = self.shadows.get(served.task)
+        if shadow is not None and shadow.version == served.version:
+            self.shadows.clear(served.task)
+        self.runtime.pool.release(self.runtime.live_modules())
+        self._update_session_metrics()
+
+    def _flip(self, rec: PathRecord, expect: Expectation | None = None) -> ServedPath:
+        """This process's own pointer moves (registration, rollback, an operator's promotion): load and
+        warm here first, so a version that cannot load never becomes current, then flip the store
+        and swap. Other servers follow the store."""
+        with self._sync_lock:
+            t = self.store.get_task(rec.task)
+            served = self.runtime.prepare(rec, t.labels, t.image_size)
+            self.store.set_current(rec.task, rec.version, expect)
+            self._swap_in(served)
+            return served
 
     def _on_batch(self, images: int, tasks: int) -> None:
         # per batch, not per request: multiprocess metric writes cost the event loop (profiled)
@@ -259,12 +340,13 @@ class Core:
             fut.add_done_callback(lambda _: self._loading.pop(key, None))
         return await asyncio.shield(fut)
 
-    def _load_version(self, rec: PathRecord, check_parity: bool = True) -> ServedPath:
+    def _load_version(self, rec: PathRecord) -> ServedPath:
         t0 = time.perf_counter()
         t = self.store.get_task(rec.task)
+        if rec.status == "candidate":
+            # never published, so never exported and checked (published versions were, by evolution)
+            export_and_check(self.store, rec, self.config.parity_atol)
         served = self.runtime.prepare(rec, t.labels, t.image_size)
-        if check_parity:
-            self.check_parity(served)  # a candidate that was never promoted was never checked
         self.runtime.keep_version(served)
         secs = time.perf_counter() - t0
         metrics.VERSION_LOADS.labels(rec.task).inc()
@@ -362,7 +444,7 @@ class Core:
         if spec.max_examples < 0:
             raise InvalidArgument(f"max_examples must be >= 0 (0: all); got {spec.max_examples}")
         check_policy(spec.policy or "auto")
-        check_evolution_settings(spec.evolution)
+        self._check_evolution_limits(spec.evolution or {})
         if len(self.store.list_tasks()) >= self.config.max_tasks:
             raise InvalidArgument(f"this server holds at most {self.config.max_tasks} tasks (max_tasks); "
                                   "delete one first")
@@ -419,8 +501,7 @@ class Core:
             try:
                 self.store.add_examples(spec.name, data.x, data.y, data.split)
                 path = self.path_maker.initial_path(self.store.get_task(spec.name))
-                served = self.runtime.prepare(path, labels, size)
-                self._serve(served, check_parity=True)
+                self._flip(path)
                 self.store.add_event(spec.name, "registered", path.version, root=root, labels=len(labels),
                                      policy=spec.policy or "auto")
             except BaseException:
@@ -450,8 +531,7 @@ class Core:
                 raise FailedPrecondition(str(e)) from None
             except ValueError as e:
                 raise InvalidArgument(str(e)) from None
-            split = ds.split.astype(np.int8) if ds.split is not None else np.full(len(ds.y), UNSPECIFIED, np.int8)
-            parts.insert(0, Examples(ds.x, ds.y.astype(np.int64), split))
+            parts.insert(0, ds)
             if labels and len(labels) != len(ds.labels):
                 raise InvalidArgument(f"{spec.builtin} has {len(ds.labels)} classes, {len(labels)} labels given")
             labels = labels or list(ds.labels)
@@ -481,43 +561,12 @@ class Core:
     @staticmethod
     def read_npz(data: bytes, what: str = "upload", size: int = imglib.SIZE,
                  max_bytes: int = 1 << 30) -> tuple[Examples, list[str]]:
-        """An .npz with `x` (N,H,W[,C]) images, `y` (N,) labels, optional `label_names` and `split`.
-
-        Read without pickle (object arrays are refused); its members' declared sizes are checked
-        before anything is inflated, so a small file that unpacks to gigabytes is refused."""
+        """An .npz (munet.data.examples.read_npz) as Examples at `size`, and its label names."""
         try:
-            with zipfile.ZipFile(io.BytesIO(data)) as zf:
-                inflated = sum(i.file_size for i in zf.infolist())
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-            raise InvalidArgument(f"{what} is not a readable .npz file: {e}") from None
-        if inflated > max_bytes:
-            raise InvalidArgument(f"{what} unpacks to {inflated} bytes; the limit (max_npz_bytes) is {max_bytes}")
-        try:
-            z = np.load(io.BytesIO(data), allow_pickle=False)
-            files = set(z.files)
-            if not {"x", "y"} <= files:
-                raise InvalidArgument(f"{what} must hold arrays 'x' (images) and 'y' (labels); it has {sorted(files)}")
-            x, y = z["x"], z["y"]
-            extra = {k: z[k] for k in ("split", "label_names") if k in files}
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
-            # pickled object arrays land here: allow_pickle=False refuses them
-            raise InvalidArgument(f"{what} is not a readable .npz file of plain arrays: {e}") from None
-        if x.ndim not in (3, 4) or len(x) != len(y) or y.ndim != 1:
-            raise InvalidArgument(f"{what}: x must be (N,H,W) or (N,H,W,C) and y (N,); got {x.shape} and {y.shape}")
-        if not np.issubdtype(y.dtype, np.integer):
-            raise InvalidArgument(f"{what}: labels y must be integers, got {y.dtype}")
-        try:
-            xs = imglib.batch_to_rgb(x, size) if len(x) else Examples.empty(size).x
-        except imglib.InvalidImage as e:
-            raise InvalidArgument(f"{what}: {e}") from None
-        split = np.full(len(y), UNSPECIFIED, np.int8)
-        if "split" in extra:
-            s = extra["split"]
-            if s.shape != y.shape or not np.isin(s, [0, 1, 2]).all():
-                raise InvalidArgument(f"{what}: split must be (N,) of 0 (train), 1 (validation), 2 (test)")
-            split = s.astype(np.int8)
-        names = [str(n) for n in extra["label_names"]] if "label_names" in extra else []
-        return Examples(xs, y.astype(np.int64), split), names
+            ex = npz_examples(data, what, size, max_bytes)
+        except InvalidExamples as e:
+            raise InvalidArgument(str(e)) from None
+        return ex, ex.labels
 
     def add_examples(self, task: str, examples: Examples) -> dict[str, int]:
         """Store labelled examples durably; unsplit ones go to train or validation by a seeded hash."""
@@ -559,39 +608,6 @@ class Core:
         return all_root_modules(self.store)
 
     # ---- serving graph ----------------------------------------------------------------------
-
-    def check_parity(self, served: ServedPath, n: int = 4) -> float:
-        s = served.image_size
-        x = np.random.default_rng(1).random((n, 3, s, s), dtype=np.float32)
-        err = parity_error(self.store, list(served.module_ids), x, served.run)
-        if not err <= self.config.parity_atol:
-            raise FailedPrecondition(f"ONNX output differs from torch by {err:.2e} "
-                                     f"(> {self.config.parity_atol}) for {served.task} v{served.version}")
-        return err
-
-    def _serve(self, served: ServedPath, check_parity: bool, expect: Expectation | None = None) -> None:
-        if check_parity:
-            self.check_parity(served)
-        self.store.set_current(served.task, served.version, expect)
-        old = self.runtime.swap(served)
-        if old is not None and old.version != served.version:
-            _retire_series(old)
-        metrics.PATH_VERSION.labels(served.task).set(served.version)
-        for i, m in enumerate(served.module_ids):
-            metrics.PATH_MODULE.labels(served.task, str(served.version), str(i), m).set(1)
-        self._update_session_metrics()
-
-    def activate(self, rec: PathRecord, expect: Expectation | None = None, check_parity: bool = True) -> ServedPath:
-        """Export, parity-check, load and warm a stored version, then swap it in (promotion, rollback).
-
-        `expect`: flip only if the task is still the same one at the same version (store.set_current).
-        `check_parity=False`: the caller checked it (the evolution worker, which exported the modules)."""
-        t = self.store.get_task(rec.task)
-        served = self.runtime.prepare(rec, t.labels, t.image_size)
-        self._serve(served, check_parity=check_parity, expect=expect)
-        self.runtime.pool.release(self.runtime.live_modules())
-        self._update_session_metrics()
-        return served
 
     def _update_session_metrics(self) -> None:
         loaded = self.runtime.pool.loaded()
@@ -639,20 +655,19 @@ class Core:
     def path_view(self, rec: PathRecord) -> dict:
         users = self.store.module_users()
         protected = self.protected_modules()
-        modules, total, accounted = [], 0, 0.0
+        modules, total = [], 0
         for m in rec.modules:
             r = self.store.module_record(m)
             n_users = len(users.get(m, set()) | ({rec.task} if rec.status == "current" else set()))
-            shared = max(1, n_users)
             total += r.params
-            accounted += r.params / shared
             modules.append({"id": m, "kind": r.kind, "params": r.params, "shared_by": n_users,
                             "frozen": m in protected or n_users > 0})
         lin = rec.lineage
         return {
             "version": rec.version, "modules": modules, "validation_accuracy": rec.validation_accuracy or 0.0,
             "test_accuracy": rec.test_accuracy or 0.0, "score": rec.score or 0.0, "params": total,
-            "accounted_params": int(round(accounted)), "added_params": int(lin.get("added_params", 0)),
+            "accounted_params": int(round(accounted_params(self.store, rec.task, rec.modules, users=users))),
+            "added_params": int(lin.get("added_params", 0)),
             "parents": [int(p) for p in lin.get("parents", [])], "parent_task": lin.get("parent_task", ""),
             "mutations": list(lin.get("mutations", [])), "hyperparameters": rec.hparams,
             "training_seconds": float(lin.get("training_seconds", 0.0)), "created_at": rec.created_at,
@@ -687,28 +702,32 @@ class Core:
         # the policy first: a generation finishing now must not promote over the rollback
         self.store.set_policy(task, policy)
         if rec.version != t.current_version:
-            self.activate(rec)
+            self._flip(rec)
             log.info("task %s rolled back from v%s to v%d; policy %s", task, t.current_version, rec.version, policy)
         self.store.add_event(task, "rolled_back", rec.version, previous=t.current_version, policy=policy)
         return self.task_view(task)
 
+    def _check_evolution_limits(self, evolution: dict, allow_zero: bool = False) -> None:
+        """A task's own settings within the limits TriggerEvolution has: a task cannot ask every
+        scheduled generation for what no single call may."""
+        settings = check_evolution_settings(evolution, allow_zero=allow_zero)
+        cfg = self.config
+        limits = {"candidates_per_generation": ("max_candidates_per_generation", cfg.max_candidates_per_generation),
+                  "candidate_budget_s": ("max_candidate_budget_s", cfg.max_candidate_budget_s)}
+        for k, (name, most) in limits.items():
+            if settings.get(k, 0) > most:
+                raise InvalidArgument(f"{k} must be at most {most:g} ({name}); got {settings[k]:g}")
+
     def set_policy(self, task: str, policy: str = "", evolution: dict | None = None) -> dict:
         """Change a task's promotion policy ("" keeps it) and evolution settings (0 = the server's)."""
         before = self.store.get_task(task)
+        self._check_evolution_limits(evolution or {}, allow_zero=True)
         t = self.store.set_policy(task, policy or None, evolution)
         if t.policy != before.policy:
             log.info("task %s: policy %s -> %s", task, before.policy, t.policy)
         if (t.policy, t.evolution) != (before.policy, before.evolution):
             self.store.add_event(task, "policy_changed", policy=t.policy, previous=before.policy, evolution=t.evolution)
         return self.task_view(task)
-
-    def stage(self, rec: PathRecord, check_parity: bool = True) -> ServedPath:
-        """Load a version without serving it (a pending one, under policy "approve"): Predict can ask
-        for it by number, it runs in shadow on live requests and new labels, and Promote then swaps
-        it in without loading anything."""
-        served = self._load_version(rec, check_parity=check_parity)
-        self.shadows.set(served)
-        return served
 
     def promote(self, task: str, version: int) -> dict:
         """An operator's promotion: serve `version` (pending, or any kept version that did not fail)."""
@@ -718,7 +737,9 @@ class Core:
                                      f"{': ' + rec.lineage['note'] if rec.lineage.get('note') else ''}")
         if rec.status == "current":
             return self.task_view(task)
-        self.activate(rec)
+        if rec.status == "candidate":
+            export_and_check(self.store, rec, self.config.parity_atol)  # never published: never checked
+        self._flip(rec)
         self.store.update_path(task, version, lineage={**rec.lineage, "decision": "promoted by an operator"})
         self.store.add_event(task, "promoted", version, by="operator")
         self.shadows.clear(task)

@@ -32,6 +32,7 @@ from munet.service import oip
 from munet.service.auth import GrpcAuthInterceptor, Tokens
 from munet.service.core import UNSPECIFIED, Core, Examples, ImageInput, TaskSpec
 from munet.service.grpc_calls import guarded
+from munet.service.semantics import default, require_version
 from munet.v1 import munet_pb2 as pb
 from munet.v1 import munet_pb2_grpc as pb_grpc
 
@@ -43,7 +44,6 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # proto Split -> core split code; an enum value this table lacks is a client error, not a default
 _SPLITS = {pb.SPLIT_UNSPECIFIED: UNSPECIFIED, pb.SPLIT_TRAIN: 0, pb.SPLIT_VALIDATION: 1, pb.SPLIT_TEST: 2}
-_DEFAULT_FRACTION = 0.1  # proto3 floats have no presence: 0 means "the default", as the proto says
 
 _M = TypeVar("_M", bound=Message)
 
@@ -181,6 +181,11 @@ def image_input(im: pb.Image) -> ImageInput:
     return ImageInput()  # the core rejects it with the image's index in the message
 
 
+def _fraction(s: pb.TaskSpec, name: str) -> float:
+    # the fractions have presence: unset is the default, and a 0 that was sent means 0 (as over HTTP)
+    return getattr(s, name) if s.HasField(name) else default("RegisterTask", name)
+
+
 def task_spec(s: pb.TaskSpec) -> TaskSpec:
     source = s.WhichOneof("source")
     return TaskSpec(
@@ -188,8 +193,8 @@ def task_spec(s: pb.TaskSpec) -> TaskSpec:
         builtin=s.builtin if source == "builtin" else None,
         npz_file=s.npz_file if source == "npz_file" else None,
         max_examples=s.max_examples,
-        validation_fraction=s.validation_fraction or _DEFAULT_FRACTION,
-        test_fraction=s.test_fraction or _DEFAULT_FRACTION,
+        validation_fraction=_fraction(s, "validation_fraction"),
+        test_fraction=_fraction(s, "test_fraction"),
         seed=s.seed,
         root=s.root,
         policy=policy_name(s.policy) or "auto",
@@ -435,14 +440,12 @@ class MunetServicer(pb_grpc.MunetServicer):
 
     @_rpc
     async def Promote(self, request: pb.PromoteRequest, context: grpc.aio.ServicerContext) -> pb.Task:
-        if not request.version:
-            raise InvalidArgument("Promote needs the version to serve (ListVersions, Task.pending_versions)")
+        require_version("Promote", request.version)
         return to_message(pb.Task, await asyncio.to_thread(self.core.promote, request.task, request.version))
 
     @_rpc
     async def Reject(self, request: pb.RejectRequest, context: grpc.aio.ServicerContext) -> pb.Task:
-        if not request.version:
-            raise InvalidArgument("Reject needs the version to refuse")
+        require_version("Reject", request.version)
         return to_message(pb.Task, await asyncio.to_thread(self.core.reject, request.task, request.version,
                                                            request.reason))
 
@@ -462,6 +465,9 @@ class MunetServicer(pb_grpc.MunetServicer):
         result = evo.trigger(request.task or None, request.candidates, request.budget_seconds, request.wait)
         if inspect.isawaitable(result):
             result = await result
+        if request.wait:
+            # the generation published to the store; answer once this server serves what it published
+            await asyncio.to_thread(self.core.sync_from_store)
         return to_message(pb.EvolutionStatus, result)
 
     @_rpc

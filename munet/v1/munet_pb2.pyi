@@ -447,7 +447,7 @@ class GenerationReport(_message.Message):
     def __init__(self, task: _Optional[str] = ..., generation: _Optional[int] = ..., candidates: _Optional[int] = ..., best_score: _Optional[float] = ..., incumbent_score: _Optional[float] = ..., promoted: _Optional[bool] = ..., promoted_version: _Optional[int] = ..., error: _Optional[str] = ..., started_at: _Optional[str] = ..., seconds: _Optional[float] = ..., examples_processed: _Optional[int] = ..., pending_version: _Optional[int] = ..., outcome: _Optional[_Union[GenerationOutcome, str]] = ..., started_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class EvolutionStatus(_message.Message):
-    __slots__ = ("running", "current_task", "candidates_done", "candidates_total", "paused_for_load", "generations", "recent", "scheduler_enabled", "interval_seconds", "triggered")
+    __slots__ = ("running", "current_task", "candidates_done", "candidates_total", "paused_for_load", "generations", "recent", "scheduler_enabled", "interval_seconds", "triggered", "leading", "leader")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     CURRENT_TASK_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_DONE_FIELD_NUMBER: _ClassVar[int]
@@ -458,6 +458,8 @@ class EvolutionStatus(_message.Message):
     SCHEDULER_ENABLED_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRIGGERED_FIELD_NUMBER: _ClassVar[int]
+    LEADING_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
     running: bool
     current_task: str
     candidates_done: int
@@ -468,7 +470,9 @@ class EvolutionStatus(_message.Message):
     scheduler_enabled: bool
     interval_seconds: float
     triggered: GenerationReport
-    def __init__(self, running: _Optional[bool] = ..., current_task: _Optional[str] = ..., candidates_done: _Optional[int] = ..., candidates_total: _Optional[int] = ..., paused_for_load: _Optional[bool] = ..., generations: _Optional[int] = ..., recent: _Optional[_Iterable[_Union[GenerationReport, _Mapping]]] = ..., scheduler_enabled: _Optional[bool] = ..., interval_seconds: _Optional[float] = ..., triggered: _Optional[_Union[GenerationReport, _Mapping]] = ...) -> None: ...
+    leading: bool
+    leader: str
+    def __init__(self, running: _Optional[bool] = ..., current_task: _Optional[str] = ..., candidates_done: _Optional[int] = ..., candidates_total: _Optional[int] = ..., paused_for_load: _Optional[bool] = ..., generations: _Optional[int] = ..., recent: _Optional[_Iterable[_Union[GenerationReport, _Mapping]]] = ..., scheduler_enabled: _Optional[bool] = ..., interval_seconds: _Optional[float] = ..., triggered: _Optional[_Union[GenerationReport, _Mapping]] = ..., leading: _Optional[bool] = ..., leader: _Optional[str] = ...) -> None: ...
 
 class ListVersionsRequest(_message.Message):
     __slots__ = ("task",)
