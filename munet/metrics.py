@@ -29,6 +29,15 @@ DECODE_SECONDS = Histogram("munet_request_decode_seconds", "Time converting a re
                            ["protocol"], buckets=_SPLIT_BUCKETS)
 
 
+def observe_request(task: str, protocol: str, code: str, total: float, timing: dict[str, float] | None) -> None:
+    """One Predict-class request, whatever its protocol: its count by status code, its latency and
+    (when it reached ONNX Runtime) its queue/compute/overhead split. `task` is a served task's name or
+    "unknown" (only served names become label values)."""
+    REQUESTS.labels(task, protocol, code).inc()
+    LATENCY.labels(task, protocol).observe(total)
+    observe_split(protocol, total, timing or {})
+
+
 def observe_split(protocol: str, total: float, timing: dict[str, float]) -> None:
     """Record one answered request's queue / compute / overhead split (seconds)."""
     if "compute" not in timing:

@@ -295,10 +295,7 @@ class MunetServicer(pb_grpc.MunetServicer):
             raise
         finally:
             total = time.perf_counter() - t0
-            task = self._metric_task(request.task)
-            metrics.REQUESTS.labels(task, "grpc", code).inc()
-            metrics.LATENCY.labels(task, "grpc").observe(total)
-            metrics.observe_split("grpc", total, timing)
+            metrics.observe_request(self._metric_task(request.task), "grpc", code, total, timing)
 
     # ---- tasks ------------------------------------------------------------------------------
 

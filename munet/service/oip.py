@@ -380,11 +380,7 @@ def metric_task(core: Core, task: str) -> str:
 
 def observe(core: Core, task: str, protocol: str, code: str, t0: float, timing: dict[str, float] | None = None) -> None:
     """A request's count and latency, and (when it reached ONNX Runtime) its queue/compute/overhead split."""
-    total = time.perf_counter() - t0
-    label = metric_task(core, task)
-    metrics.REQUESTS.labels(label, protocol, code).inc()
-    metrics.LATENCY.labels(label, protocol).observe(total)
-    metrics.observe_split(protocol, total, timing or {})
+    metrics.observe_request(metric_task(core, task), protocol, code, time.perf_counter() - t0, timing)
 
 
 # ---- gRPC ---------------------------------------------------------------------------------------

@@ -331,9 +331,7 @@ async def predict(request: Request, core: CoreDep) -> PredictResponse:
         # the same series as gRPC's Predict ("http" for "grpc"); only served names become label values
         total = time.perf_counter() - t0
         label = task if task and core.runtime.get(task) is not None else "unknown"
-        metrics.REQUESTS.labels(label, "http", code).inc()
-        metrics.LATENCY.labels(label, "http").observe(total)
-        metrics.observe_split("http", total, timing)
+        metrics.observe_request(label, "http", code, total, timing)
     return {"task": req.task, "path_version": path.version,  # type: ignore[return-value]
             "predictions": [[{"label": lbl, "index": i, "probability": p} for lbl, i, p in pr.top] for pr in preds]}
 
