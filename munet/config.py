@@ -60,6 +60,9 @@ class Config:
                                         "unavailable ones are dropped at start-up",
                                    factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     intra_op_threads: int = setting(0, "ONNX Runtime threads per session (0: its default, one per core)")
+    merged_max_batch: int = setting(8, "batches of one path up to this many images run on one ONNX Runtime session "
+                                       "joining the path's modules (answers bit-identical to the chain of sessions, "
+                                       "checked when loaded; faster); 0: always the chain")
     max_batch_size: int = setting(64, "images per server-side micro-batch")
     max_delay_ms: float = setting(2.0, "how long (ms) the first request of a micro-batch waits for company")
     # admission: images admitted and not yet answered, in all and per task; past them a request is

@@ -16,8 +16,9 @@ take the whole queue; round robin then keeps the others' latency.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -50,6 +51,20 @@ def _run_batch(batch: list[_Request]) -> list[Any]:
     return [r.post(y) if r.post is not None else y for r, y in zip(batch, outs, strict=True)]
 
 
+def _deliver(batch: list[_Request], outs: list[Any] | None, error: Exception | None,
+             done: asyncio.Future) -> None:
+    """On the loop: answer a batch's requests (or fail them all), then let the collector go on."""
+    for i, r in enumerate(batch):
+        if r.future.done():
+            continue
+        if error is not None:
+            r.future.set_exception(error)
+        else:
+            r.future.set_result(outs[i])  # type: ignore[index]
+    if not done.done():
+        done.set_result(error is None)
+
+
 class MicroBatcher:
     def __init__(self, max_batch_size: int = 64, max_delay_ms: float = 2.0,
                  on_batch: Callable[[int, int], None] | None = None, max_queue_images: int = 1024,
@@ -64,7 +79,11 @@ class MicroBatcher:
         self._turns: deque[str] = deque()  # tasks with waiting requests, in the order they are served
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="munet-infer")
+        # one inference thread, fed batches through a queue and answering with one loop callback per
+        # batch (run_in_executor chains three futures and several callbacks per batch: profiled on
+        # a single image's path)
+        self._batches: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._pending_images = 0
         self._pending_by_task: dict[str, int] = {}
         self._last_batch_requests = 0
@@ -79,6 +98,9 @@ class MicroBatcher:
         if self._task is None:
             self._arrived = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._collect(), name="munet-batcher")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._infer, name="munet-infer", daemon=True)
+            self._thread.start()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -86,7 +108,23 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._thread is not None:
+            self._batches.put(None)  # the batch running finishes; none is waiting (the collector is gone)
+            self._thread = None
+
+    def _infer(self) -> None:
+        """The inference thread: runs one batch at a time and hands the answers back to the loop."""
+        while True:
+            item = self._batches.get()
+            if item is None:
+                return
+            loop, batch, done = item
+            try:
+                outs, error = _run_batch(batch), None
+            except Exception as e:  # noqa: BLE001 - the error belongs to the requests, not the thread
+                outs, error = None, e
+            with contextlib.suppress(RuntimeError):  # the loop closed while the batch ran
+                loop.call_soon_threadsafe(_deliver, batch, outs, error, done)
 
     # ---- admission ------------------------------------------------------------------------------
 
@@ -208,16 +246,11 @@ class MicroBatcher:
             live = [r for r in batch if not r.future.cancelled()]
             if not live:
                 continue
-            try:
-                outs = await loop.run_in_executor(self._executor, _run_batch, live)
-            except Exception as e:  # noqa: BLE001 - the error belongs to the requests, not the loop
-                for r in live:
-                    if not r.future.done():
-                        r.future.set_exception(e)
+            done = loop.create_future()
+            self._batches.put((loop, live, done))
+            # the next batch fills while this one runs; its requests are answered by `_deliver`
+            if not await done:
                 continue
             self._last_batch_requests = len(live)
             if self.on_batch:
                 self.on_batch(n, len({r.path.task for r in live}))
-            for r, y in zip(live, outs, strict=True):
-                if not r.future.done():
-                    r.future.set_result(y)

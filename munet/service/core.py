@@ -93,7 +93,7 @@ class Core:
         self.store = store
         self.path_maker = path_maker
         self.runtime = Runtime(store, config.providers, config.intra_op_threads,
-                               max_versions=config.max_loaded_versions)
+                               max_versions=config.max_loaded_versions, merged_max_batch=config.merged_max_batch)
         self._loading: dict[tuple[str, int], asyncio.Future] = {}
         self.shadows = Shadows(config.shadow_rate, seed=config.seed)
         self.batcher = MicroBatcher(config.max_batch_size, config.max_delay_ms, on_batch=self._on_batch,
@@ -258,7 +258,7 @@ class Core:
         shadow = self.shadows.get(served.task)
         if shadow is not None and shadow.version == served.version:
             self.shadows.clear(served.task)
-        self.runtime.pool.release(self.runtime.live_modules())
+        self.runtime.release()
         self._update_session_metrics()
 
     def _flip(self, rec: PathRecord, expect: Expectation | None = None) -> ServedPath:

@@ -3,11 +3,13 @@
 A path runs as a chain of sessions, `x -> embed -> block ... -> head -> logits`. A batch that mixes
 tasks runs as a tree: requests whose paths start with the same modules go through those modules
 together, and split where their paths part (`run_grouped`). So ten tasks on one frozen trunk cost
-one trunk pass per batch, not ten.
+one trunk pass per batch, not ten. A batch of one path alone, up to `merged_max_batch` images, runs
+on one session joining the path's modules instead (`merged.py`): same answers bit for bit, faster.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import OrderedDict
@@ -18,6 +20,7 @@ import onnxruntime as ort
 
 from munet.models.export import ensure_onnx
 from munet.models.store import PathRecord, Store
+from munet.service.merged import NotJoinable, join_modules
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ class SessionPool:
         self.providers = usable_providers(providers)
         self.intra_op_threads = intra_op_threads
         self._sessions: dict[str, ort.InferenceSession] = {}
+        self._joined: dict[tuple[str, ...], ort.InferenceSession] = {}  # module ids -> one session for all
         self._lock = threading.Lock()
         # with CUDA first, sessions hand each other device buffers (I/O binding), not host arrays
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else None
@@ -102,18 +106,39 @@ class SessionPool:
                 self._sessions[module_id] = s
         return s
 
+    def joined(self, module_ids: tuple[str, ...]) -> ort.InferenceSession:
+        """One session running the modules in order (`merged.join_modules`), shared by every path
+        version made of exactly these modules. Raises NotJoinable."""
+        s = self._joined.get(module_ids)
+        if s is not None:
+            return s
+        import onnx
+
+        model = join_modules([onnx.load(ensure_onnx(self.store, m)) for m in module_ids])
+        s = ort.InferenceSession(model, sess_options=self._options(), providers=self.providers)
+        with self._lock:
+            return self._joined.setdefault(module_ids, s)
+
+    def drop_joined(self, module_ids: tuple[str, ...]) -> None:
+        with self._lock:
+            self._joined.pop(module_ids, None)
+
     def provider_of(self, module_id: str) -> str:
         return self.get(module_id).get_providers()[0]
 
     def loaded(self) -> list[str]:
         return list(self._sessions)
 
-    def release(self, keep: set[str]) -> list[str]:
-        """Drop sessions of modules no served path uses any more."""
+    def release(self, keep: set[str], keep_joined: set[tuple[str, ...]] | None = None) -> list[str]:
+        """Drop sessions of modules no served path uses any more (and joined sessions of paths not
+        in `keep_joined`, when given)."""
         with self._lock:
             gone = [m for m in self._sessions if m not in keep]
             for m in gone:
                 del self._sessions[m]
+            if keep_joined is not None:
+                for ids in [k for k in self._joined if k not in keep_joined]:
+                    del self._joined[ids]
         return gone
 
 
@@ -147,8 +172,19 @@ class ServedPath:
     sessions: tuple[ort.InferenceSession, ...] = field(repr=False, compare=False)
     image_size: int = 32  # inputs are (N, 3, image_size, image_size)
     device: str | None = None  # "cuda": intermediate outputs stay on the GPU between sessions
+    # the path as one session (merged.py), for batches of this path alone up to merged_max_batch images
+    merged: ort.InferenceSession | None = field(default=None, repr=False, compare=False)
+    merged_max_batch: int = 0
+
+    def runs_merged(self, images: int) -> bool:
+        return self.merged is not None and images <= self.merged_max_batch
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        if self.runs_merged(len(x)):
+            return host(run_session(self.merged, x, self.device))  # type: ignore[arg-type]
+        return self.run_chain(x)
+
+    def run_chain(self, x: np.ndarray) -> np.ndarray:
         for s in self.sessions:
             x = run_session(s, x, self.device)
         return host(x)
@@ -163,6 +199,8 @@ def run_grouped(items: list[tuple[ServedPath, np.ndarray]]) -> list[np.ndarray]:
 
 def _run_tree(idx: list[int], xs: list[np.ndarray], paths: list[ServedPath], depth: int,
               outputs: list[np.ndarray | None]) -> None:
+    if depth == 0 and _run_merged(idx, xs, paths, outputs):
+        return
     groups: dict[str, list[int]] = {}
     for j, i in enumerate(idx):
         p = paths[i]
@@ -185,13 +223,30 @@ def _run_tree(idx: list[int], xs: list[np.ndarray], paths: list[ServedPath], dep
         _run_tree([idx[j] for j in members], np.split(y, np.cumsum(sizes)[:-1]), paths, depth + 1, outputs)
 
 
+def _run_merged(idx: list[int], xs: list[np.ndarray], paths: list[ServedPath],
+                outputs: list[np.ndarray | None]) -> bool:
+    """A batch of one path alone, small enough, on the path's joined session. False: run the tree."""
+    first = paths[idx[0]]
+    if not all(paths[i].module_ids == first.module_ids for i in idx):
+        return False
+    sizes = [len(x) for x in xs]
+    if not first.runs_merged(sum(sizes)):
+        return False
+    y = host(run_session(first.merged, xs[0] if len(xs) == 1 else np.concatenate(xs), first.device))  # type: ignore[arg-type]
+    for i, part in zip(idx, np.split(y, np.cumsum(sizes)[:-1]), strict=True):
+        outputs[i] = part
+    return True
+
+
 class Runtime:
     """The live serving graph: task -> ServedPath, swapped atomically; plus older or newer versions
     that requests asked for by number, kept loaded in an LRU of `max_versions`."""
 
-    def __init__(self, store: Store, providers: list[str], intra_op_threads: int = 0, max_versions: int = 8):
+    def __init__(self, store: Store, providers: list[str], intra_op_threads: int = 0, max_versions: int = 8,
+                 merged_max_batch: int = 8):
         self.store = store
         self.pool = SessionPool(store, providers, intra_op_threads)
+        self.merged_max_batch = merged_max_batch
         self._paths: dict[str, ServedPath] = {}
         self._lock = threading.Lock()
         self.max_versions = max_versions
@@ -216,7 +271,7 @@ class Runtime:
             while len(self._versions) > self.max_versions:
                 out.append(self._versions.popitem(last=False)[1])
         if out:
-            self.pool.release(self.live_modules())
+            self.release()
         return out
 
 
@@ -227,14 +282,42 @@ class Runtime:
         served = ServedPath(rec.task, rec.version, tuple(rec.modules), tuple(labels), sessions, image_size,
                             self.pool.device)
         first = self.store.module_record(rec.modules[0]).config
+        warm = []
         for b in warm_batches:
             x = np.random.default_rng(0).random((b, first.get("in_chans", 3), image_size, image_size),
                                                 dtype=np.float32)
-            out = served.run(x)
+            out = served.run_chain(x)
             if out.shape != (b, len(labels)):
                 raise ValueError(f"path {rec.task} v{rec.version} gives outputs of shape {out.shape}, "
                                  f"expected {(b, len(labels))}")
+            warm.append((x, out))
+        merged = self._merged_for(served, warm)
+        if merged is not None:
+            served = dataclasses.replace(served, merged=merged, merged_max_batch=self.merged_max_batch)
         return served
+
+    def _merged_for(self, served: ServedPath, warm: list[tuple[np.ndarray, np.ndarray]]
+                    ) -> ort.InferenceSession | None:
+        """The path's joined session, if it answers the warm-up batches exactly as the chain did;
+        otherwise None (and why, in the log): the path then always runs as the chain."""
+        if self.merged_max_batch <= 0 or len(served.module_ids) < 2:
+            return None
+        what = f"path {served.task} v{served.version}"
+        try:
+            merged = self.pool.joined(served.module_ids)
+        except (NotJoinable, ort.capi.onnxruntime_pybind11_state.Fail) as e:  # type: ignore[attr-defined]
+            log.info("%s runs as a chain of sessions: its modules cannot be joined (%s)", what, e)
+            return None
+        for x, want in warm:
+            x = x[:self.merged_max_batch]
+            got = host(run_session(merged, x, served.device))
+            if not np.array_equal(got, want[:len(x)]):
+                err = float(np.max(np.abs(got - want[:len(x)]))) if got.shape == want[:len(x)].shape else "shape"
+                log.warning("%s runs as a chain of sessions: its joined session's answers differ from the "
+                            "chain's (max %s), and a request's answer must not depend on its batch", what, err)
+                self.pool.drop_joined(served.module_ids)
+                return None
+        return merged
 
     def swap(self, served: ServedPath) -> ServedPath | None:
         """Make `served` the task's live path; requests already pinned to the old one finish on it."""
@@ -246,14 +329,20 @@ class Runtime:
     def forget_version(self, task: str, version: int) -> None:
         with self._lock:
             self._versions.pop((task, version), None)
-        self.pool.release(self.live_modules())
+        self.release()
 
     def remove(self, task: str) -> None:
         with self._lock:
             self._paths.pop(task, None)
             for key in [k for k in self._versions if k[0] == task]:
                 del self._versions[key]
-        self.pool.release(self.live_modules())
+        self.release()
+
+    def release(self) -> list[str]:
+        """Drop the sessions (module and joined) that no loaded path uses any more."""
+        with self._lock:
+            paths = [*self._paths.values(), *self._versions.values()]
+        return self.pool.release({m for p in paths for m in p.module_ids}, {p.module_ids for p in paths})
 
     def get(self, task: str) -> ServedPath | None:
         return self._paths.get(task)
