@@ -7,11 +7,12 @@ a client process sends single raw images one after another. Printed, side by sid
 
 - the client's p50 latency;
 - the server's time inside ONNX Runtime per request (the batcher's `run_grouped`), while serving;
-- the same path run in a tight loop in the same process: with warm caches, and with 32 MB streamed
+- the same path run in a tight loop in the same process (as the server runs a lone image: its joined
+  session, or its chain when it has none): with warm caches, and with 32 MB streamed
   through the caches before each run (what the client, gRPC and the event loop do between two
-  requests on a 2-core machine).
+  requests on a 2-core machine); and as the chain of one session per module, warm.
 
-The difference between the last two says how much of "compute is slower in the server" is caches.
+The difference between warm and polluted says how much of "compute is slower in the server" is caches.
 """
 
 from __future__ import annotations
@@ -99,15 +100,18 @@ def main(argv: list[str] | None = None) -> int:
             path.run(x)
         hot = _p50(lambda: path.run(x), a.requests)
         cold = _p50(lambda: path.run(x), a.requests, between=pollute)
+        chain = _p50(lambda: path.run_chain(x), a.requests)
         asyncio.run_coroutine_threadsafe(app.stop(), loop).result(60)
         loop.call_soon_threadsafe(loop.stop)
     print(f"munet bench hot-path ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, root {a.root} at {size} px, "
-          f"{len(path.module_ids)} sessions, intra-op threads {a.intra_op_threads or 'default'}, {a.requests} requests)\n")
+          f"{len(path.module_ids)} modules, {'one joined session' if path.merged is not None else 'a chain of sessions'} "
+          f"for a lone image, intra-op threads {a.intra_op_threads or 'default'}, {a.requests} requests)\n")
     print("| measured | p50 ms |\n|---|---:|")
     print(f"| client round trip (gRPC unary, one raw image) | {client_p50:.2f} |")
     print(f"| server: inside ONNX Runtime per request, while serving | {serving:.2f} |")
     print(f"| same path, tight loop in the same process (warm caches) | {hot:.2f} |")
     print(f"| same path, tight loop, 32 MB through the caches before each run | {cold:.2f} |")
+    print(f"| same path as the chain of one session per module, tight loop (warm caches) | {chain:.2f} |")
     return 0
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from benchmarks.common import BenchError, free_port, log, machine_info
 from benchmarks.serve_baseline import baseline_rows, start_baseline
+from benchmarks.serve_floor import NullServer
 from benchmarks.serve_load import ClientPool
 from benchmarks.serve_metrics import batch_stats, scrape_metrics, split_stats
 from benchmarks.serve_promotion import promotion_under_load
@@ -131,8 +132,13 @@ def run_bench(settings: Settings) -> dict:
             return row_from_clients(key, name, batch, n * inflight, start_at, res, ref_raw=ref_raw,
                                     ref_bentoml=ref_bentoml, extra=stats)
 
+        with NullServer(1) as floor_target:
+            start_at, res = pool.run(1, p1, **{**common, "target": floor_target}, images=1, inflight=1)
+        rows["grpc_floor_b1"] = row_from_clients("grpc_floor_b1", "gRPC floor: a server answering at once, no "
+                                                 "model, 1 sequential client", 1, 1, start_at, res)
+        ref_b1 = "raw_joined_b1" if cfg.merged_max_batch >= 1 else "raw_chain_b1"
         rows["grpc_b1"] = grpc_row("grpc_b1", "munet gRPC unary, 1 sequential client", 1, p1, 1, 1,
-                                   "raw_chain_b1", "bento_b1")
+                                   ref_b1, "bento_b1")
         rows["grpc_b64"] = grpc_row("grpc_b64", "munet gRPC unary, 1 sequential client", 1, p64, s.big_batch, 1,
                                     "raw_chain_b64", "bento_b64")
         rows["grpc_conc"] = grpc_row("grpc_conc", f"munet gRPC, {s.client_procs} procs x {s.inflight} in flight, "
