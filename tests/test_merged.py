@@ -57,11 +57,19 @@ def test_a_batch_of_one_path_runs_on_its_joined_session_with_the_chains_answers(
     assert np.array_equal(pa.run(big), pa.run_chain(big)) and pa.merged not in calls
 
 
-def test_joined_sessions_can_be_turned_off(make_app):
+def test_joined_sessions_can_be_turned_off_and_are_counted(make_app):
+    from prometheus_client import REGISTRY
+
     app = make_app(merged_max_batch=0)
     register_digits(app, "a", max_examples=300)
     assert app.core.runtime.get("a").merged is None
-    assert app.core.runtime.pool._joined == {}
+    assert app.core.runtime.pool.joined_loaded() == 0
+    assert REGISTRY.get_sample_value("munet_joined_sessions") == 0
+    app.close()  # the gauge is the process's: one server at a time sets it
+    on = make_app()
+    register_digits(on, "b", max_examples=300)
+    assert on.core.runtime.pool.joined_loaded() == 1
+    assert REGISTRY.get_sample_value("munet_joined_sessions") == 1
 
 
 def test_a_joined_session_that_answers_differently_is_not_used(make_app, monkeypatch, caplog):

@@ -612,6 +612,7 @@ class Core:
     def _update_session_metrics(self) -> None:
         loaded = self.runtime.pool.loaded()
         metrics.SESSIONS.set(len(loaded))
+        metrics.JOINED_SESSIONS.set(self.runtime.pool.joined_loaded())
         for labels in list(getattr(metrics.MODULE_INFO, "_metrics", {})):
             if labels[0] not in loaded:  # a released session's series
                 _drop(metrics.MODULE_INFO, *labels)

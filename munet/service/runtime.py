@@ -119,6 +119,9 @@ class SessionPool:
         with self._lock:
             return self._joined.setdefault(module_ids, s)
 
+    def joined_loaded(self) -> int:
+        return len(self._joined)
+
     def drop_joined(self, module_ids: tuple[str, ...]) -> None:
         with self._lock:
             self._joined.pop(module_ids, None)
