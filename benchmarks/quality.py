@@ -1,7 +1,7 @@
 """`munet bench quality`: is evolving a multitask system better than fine-tuning one model per task?
 
     munet bench quality            # the default run: ~1 h on 2 cores; writes bench-results/quality-<date>.*
-    munet bench quality --quick    # a few minutes: uci_digits and animal_shapes, ~300 training images each
+    munet bench quality --quick    # about a minute: uci_digits and animal_shapes, 200 training images each
 
 Three methods on the built-in tasks, each task with one fixed, seeded train/validation/test split
 (the data set's own split where it has one, so MNIST and Fashion-MNIST are tested on their official
@@ -61,7 +61,7 @@ from benchmarks.quality_settings import DEFAULT_TASKS, OPTIONAL_TASKS, QUICK_TAS
 def parse_args(argv: list[str]) -> Settings:
     p = argparse.ArgumentParser(prog="munet bench quality", description=__doc__.split("\n\n")[0])
     d = Settings()
-    p.add_argument("--quick", action="store_true", help="a few minutes: two small tasks, tiny budget")
+    p.add_argument("--quick", action="store_true", help="about a minute: two small tasks, tiny budget (a smoke run)")
     p.add_argument("--tasks", help=f"comma-separated built-ins (default: {','.join(DEFAULT_TASKS)}, plus "
                                    f"{','.join(OPTIONAL_TASKS)} when available; quick: {','.join(QUICK_TASKS)})")
     p.add_argument("--max-train", type=int, help=f"training examples per task (default {d.max_train})")

@@ -43,8 +43,8 @@ class Settings:
 
     @classmethod
     def quick_settings(cls, **overrides: Any) -> Settings:
-        values: dict[str, Any] = {"tasks": list(QUICK_TASKS), "max_train": 300, "max_val": 150, "max_test": 300,
-                                  "budget": 1280, "generations": 2, "candidates": 2, "head_epochs": 15,
+        values: dict[str, Any] = {"tasks": list(QUICK_TASKS), "max_train": 200, "max_val": 100, "max_test": 200,
+                                  "budget": 640, "generations": 1, "candidates": 2, "head_epochs": 10,
                                   "identity_inputs": 32, "ft_evals": 2, "quick": True}
         values.update(overrides)
         return cls(**values)

@@ -92,7 +92,7 @@ def test_any_upload_is_taken_whole_or_refused_whole(server, task, batches, end, 
         assert _stored(app) == before  # a refused upload leaves no trace
 
 
-@FUZZ
+@settings(FUZZ, max_examples=60)  # each is a RegisterTask round trip; `munet bench fuzz` sends 600 requests
 @given(name=st.text(max_size=100), labels=st.lists(st.text(max_size=30), max_size=4),
        builtin=st.sampled_from(["", "no_such_set", "uci_digits"]), npz=st.text(max_size=60),
        vf=st.floats(allow_nan=True), tf=st.floats(allow_nan=True), root=st.sampled_from(["", "nope", "vit_tiny"]))
