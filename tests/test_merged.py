@@ -118,3 +118,18 @@ def test_graphs_that_cannot_be_joined_are_refused():
     models[1].opset_import[0].version -= 1
     with pytest.raises(NotJoinable, match="opset"):
         join_modules(models)
+
+
+def test_a_path_whose_joined_session_fails_to_build_serves_as_the_chain(make_app, monkeypatch, caplog):
+    app = make_app()
+    register_digits(app, "a", max_examples=300)
+
+    def broken(ids):
+        raise RuntimeError("no memory for another session")
+
+    monkeypatch.setattr(app.core.runtime.pool, "joined", broken)
+    with caplog.at_level(logging.INFO, logger="munet.service.runtime"):
+        served = app.core.runtime.prepare(app.store.get_path("a"), app.store.get_task("a").labels, 32)
+    assert served.merged is None and "no memory for another session" in caplog.text
+    x = _images(3)
+    assert np.array_equal(served.run(x), app.core.runtime.get("a").run_chain(x))

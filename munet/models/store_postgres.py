@@ -16,6 +16,7 @@ database's clock (`clock_timestamp()`): the hosts' clocks may differ, the databa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import uuid
@@ -206,10 +207,9 @@ class _Listener:
 
     def _close_conn(self) -> None:
         if self._conn is not None:
-            try:
+            # a connection that already broke may fail to close too; it is dropped either way
+            with contextlib.suppress(psycopg.Error):
                 self._conn.close()
-            except psycopg.Error:
-                pass
             self._conn = None
 
     def _bump(self, counter: str) -> None:

@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from munet.models.export import ensure_onnx
 from munet.models.store import PathRecord, Store
-from munet.service.merged import NotJoinable, join_modules
+from munet.service.merged import join_modules
 
 log = logging.getLogger(__name__)
 
@@ -308,14 +308,16 @@ class Runtime:
         what = f"path {served.task} v{served.version}"
         try:
             merged = self.pool.joined(served.module_ids)
-        except (NotJoinable, ort.capi.onnxruntime_pybind11_state.Fail) as e:  # type: ignore[attr-defined]
-            log.info("%s runs as a chain of sessions: its modules cannot be joined (%s)", what, e)
+            outs = [(host(run_session(merged, x[:self.merged_max_batch], served.device)), want[:self.merged_max_batch])
+                    for x, want in warm]
+        except Exception as e:  # noqa: BLE001 - whatever fails here, the chain (already warm) serves
+            self.pool.drop_joined(served.module_ids)
+            log.info("%s runs as a chain of sessions: its modules cannot be joined (%s: %s)", what,
+                     type(e).__name__, e)
             return None
-        for x, want in warm:
-            x = x[:self.merged_max_batch]
-            got = host(run_session(merged, x, served.device))
-            if not np.array_equal(got, want[:len(x)]):
-                err = float(np.max(np.abs(got - want[:len(x)]))) if got.shape == want[:len(x)].shape else "shape"
+        for got, want in outs:
+            if not np.array_equal(got, want):
+                err = float(np.max(np.abs(got - want))) if got.shape == want.shape else "shape"
                 log.warning("%s runs as a chain of sessions: its joined session's answers differ from the "
                             "chain's (max %s), and a request's answer must not depend on its batch", what, err)
                 self.pool.drop_joined(served.module_ids)
@@ -352,9 +354,3 @@ class Runtime:
 
     def tasks(self) -> dict[str, ServedPath]:
         return dict(self._paths)
-
-    def live_modules(self) -> set[str]:
-        """Modules of every loaded path: current ones and versions kept on request."""
-        with self._lock:
-            paths = [*self._paths.values(), *self._versions.values()]
-        return {m for p in paths for m in p.module_ids}
