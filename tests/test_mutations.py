@@ -195,4 +195,34 @@ def test_mutated_cnn_path_keeps_the_function_and_fits_the_head(mbv2):
         if any(m.startswith(("remove_layer", "restore_layer", "add_layer", "new_head")) for m in cand.mutations):
             continue
         assert torch.allclose(out, ref, atol=1e-4), cand.mutations
-    assert {"clone", "insert_adapter", "remove_layer", "widen"} <= seen
+    assert {"clone", "insert_adapter", "remove_layer", "widen", "clone_span"} <= seen
+
+
+def test_clone_span_is_a_contiguous_run_within_the_path():
+    from munet.evolution.mutations import SPAN_MIN, clone_span
+
+    layers = [(f"m{i}", None) for i in range(18)]
+    spans = [clone_span(layers, np.random.default_rng(seed)) for seed in range(200)]
+    drawn = [s for s in spans if s]
+    assert 0.3 < len(drawn) / len(spans) < 0.7  # SPAN_PROB = 0.5 per candidate
+    for s in drawn:
+        assert s == set(range(min(s), max(s) + 1))
+        assert SPAN_MIN <= len(s) <= 9 and 0 <= min(s) and max(s) < 18
+    assert {min(s) for s in drawn} >= {0, 9} and max(len(s) for s in drawn) == 9
+    assert clone_span(layers[:1], np.random.default_rng(0)) == set()
+
+
+def test_a_span_clones_every_layer_in_it(mbv2):
+    ids = [f"m{i}" for i in range(len(mbv2))]
+    parent = list(zip(ids, mbv2, strict=True))
+    for seed in range(40):
+        cand = mutate_path("t", parent, "t", 1, {**DEFAULT_HPARAMS, "mu": 0.1}, mbv2[-1], parent[1:-1],
+                           np.random.default_rng(seed), max_blocks=len(mbv2))
+        span = [m for m in cand.mutations if m.startswith("clone_span:")]
+        if not span or any(m.startswith(("remove_layer", "restore_layer", "add_layer")) for m in cand.mutations):
+            continue
+        lo, hi = (int(v) for v in span[0].split(":")[1].split("-"))
+        cloned = {s.origin.removeprefix("clone:") for s in cand.slots if s.origin.startswith("clone:m")}
+        assert {f"m{p + 1}" for p in range(lo, hi + 1)} <= cloned  # layers[p] is parent[p + 1]
+        return
+    pytest.fail("no candidate in 40 seeds drew a span")
