@@ -343,6 +343,7 @@ BENCHES = {
     "fuzz": ("fuzz", "malformed requests over both protocols"),
     "flood": ("flood", "a flood on one task: another task's latency, the worker's memory"),
     "margin": ("margin", "promotions on validation noise, with and without the margin"),
+    "spans": ("clone_spans", "which layers a candidate should train: cloned spans against fine-tuning"),
     "hot-path": ("hot_path", "where a single image's time goes: client, server, ONNX Runtime, caches"),
 }
 
