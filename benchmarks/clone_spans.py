@@ -102,11 +102,11 @@ def train_span(root_modules: list, data, lo: int, hi: int, steps: int, lr: float
 
 def to_markdown(result: dict) -> str:
     lines = [f"Spans trained on `{result['root']}` at {result['image_size']} px, {result['steps']} AdamW steps of 64 "
-             f"at lr {result['lr']:g} (command: `{result['command']}`, {result['machine']['date']}):", "",
-             "| task | span (modules) | validation | test | trained params | share of fine-tuning's |",
-             "|---|---|---:|---:|---:|---:|"]
+             f"per learning rate in {', '.join(f'{v:g}' for v in result['lrs'])}, the best on validation kept (command: `{result['command']}`, {result['machine']['date']}):", "",
+             "| task | span (modules) | lr | validation | test | trained params | share of fine-tuning's |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['task']} | {r['span']} | {100 * r['validation_accuracy']:.2f} | "
+        lines.append(f"| {r['task']} | {r['span']} | {r['lr']:g} | {100 * r['validation_accuracy']:.2f} | "
                      f"{100 * r['test_accuracy']:.2f} | {r['trained_params'] / 1e3:.1f}k | "
                      f"{r['trained_params'] / r['full_params']:.0%} |")
     lines.append("")
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a-b: clone root modules a..b-1 (0-19: every layer of MobileNetV2)")
     p.add_argument("--steps", type=int, default=94, help="training steps per span (94: one fine-tuning run "
                                                            "of `munet bench quality --budget 12000`)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lrs", default="0.001,0.0003", help="learning rates, comma-separated: each span keeps the "
+                                                           "best on validation (as fine-tuning does in the quality bench)")
     p.add_argument("--max-train", type=int, default=2000)
     p.add_argument("--max-val", type=int, default=500)
     p.add_argument("--max-test", type=int, default=1000)
@@ -138,10 +139,12 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(2)
         spans = [tuple(int(v) for v in s.split("-")) for s in a.spans.split(",")]
-        if any(len(s) != 2 for s in spans):
+        lrs = [float(v) for v in a.lrs.split(",")]
+        if any(len(s) != 2 for s in spans) or not lrs:
             raise ValueError
     except ValueError:
-        print(f"munet bench spans: --spans wants a-b,c-d (got {a.spans!r})", file=sys.stderr)
+        print(f"munet bench spans: --spans wants a-b,c-d and --lrs numbers (got {a.spans!r}, {a.lrs!r})",
+              file=sys.stderr)
         return 2
     try:
         s = Settings(max_train=a.max_train, max_val=a.max_val, max_test=a.max_test, root=a.root)
@@ -150,15 +153,16 @@ def main(argv: list[str] | None = None) -> int:
         for task in resolve_tasks(a.tasks.split(",")):
             data = prepare_task(task, s, root.image_size)
             for lo, hi in spans:
-                r = train_span(root.modules, data, lo, hi, a.steps, a.lr)
+                runs = [train_span(root.modules, data, lo, hi, a.steps, lr) for lr in lrs]
+                r = max(runs, key=lambda run: run["validation_accuracy"])
                 full = sum(root.params[:-1]) + (root.modules[-1].cfg.dim + 1) * len(data.labels)  # + a new head
                 rows.append({"task": task, **r, "full_params": full})
                 log("spans", f"{task} {r['span']}: val {r['validation_accuracy']:.4f} test {r['test_accuracy']:.4f} "
-                             f"({r['trained_params']} params, {r['train_s']} s)")
+                             f"(lr {r['lr']:g}, {r['trained_params']} params, {sum(x['train_s'] for x in runs):.0f} s)")
     except BenchError as e:
         print(f"munet bench spans: {e}", file=sys.stderr)
         return 1
-    result = {"root": a.root, "image_size": root.image_size, "steps": a.steps, "lr": a.lr, "rows": rows,
+    result = {"root": a.root, "image_size": root.image_size, "steps": a.steps, "lrs": lrs, "rows": rows,
               "command": "munet bench spans " + " ".join(argv or sys.argv[1:]),
               "machine": machine_info()}
     print(json.dumps(result, indent=1) if a.json else to_markdown(result))
