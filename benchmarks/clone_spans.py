@@ -7,7 +7,7 @@ against fine-tuning every layer, at the same number of steps.
 A span `a-b` clones the root's modules a..b-1 into trainable copies; the modules before it are
 frozen (their outputs computed once), those after it frozen too, and a new head trains with them.
 `0-19` on MobileNetV2 is every layer: full fine-tuning, as `munet bench quality` runs it. Each row
-trains `--steps` AdamW steps of batch 64 (warm-up then cosine, clipping at 1.0, BatchNorm statistics
+trains `--steps` AdamW steps of batch 64 at each of `--lrs` (warm-up then cosine, clipping at 1.0, BatchNorm statistics
 frozen as everywhere in munet), keeps the best of three validation evaluations and reports test
 accuracy on the quality bench's split. This is the measurement behind the `clone_span` mutation
 (evolution/mutations.py): it isolates where training helps from everything else a candidate mutates.
