@@ -24,26 +24,13 @@ import time
 from benchmarks.common import BenchError, log, machine_info
 
 
-def _run(modules: list, x, batch: int = 256):
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            h = x[i:i + batch]
-            for m in modules:
-                h = m(h)
-            out.append(h)
-    return torch.cat(out)
-
-
 def train_span(root_modules: list, data, lo: int, hi: int, steps: int, lr: float, seed: int = 0) -> dict:
     """Clone root_modules[lo:hi] (the head is always new), train; test accuracy of the best evaluation."""
     import torch
     import torch.nn.functional as F
 
-    from munet.data.images import to_model_input
     from munet.data.splits import TEST, TRAIN, VALIDATION
+    from munet.evolution.train import run_modules
     from munet.models.training import accuracy, warmup_cosine
     from munet.models.vit import Chain
 
@@ -51,9 +38,8 @@ def train_span(root_modules: list, data, lo: int, hi: int, steps: int, lr: float
     if not 0 <= lo < hi <= n_layers:
         raise BenchError(f"span {lo}-{hi} is outside the root's layers 0-{n_layers} (the head is always new)")
     t0 = time.perf_counter()
-    x = {k: torch.from_numpy(to_model_input(data.parts[k].x)) for k in (TRAIN, VALIDATION, TEST)}
     y = {k: torch.from_numpy(data.parts[k].y) for k in (TRAIN, VALIDATION, TEST)}
-    prefix = {k: _run(root_modules[:lo], v) for k, v in x.items()}
+    prefix = {k: run_modules(root_modules[:lo], data.parts[k].x) for k in y}  # the frozen prefix, once
     prefix_s = time.perf_counter() - t0
     torch.manual_seed(seed)
     like = root_modules[-1]
