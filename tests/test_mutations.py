@@ -212,17 +212,24 @@ def test_clone_span_is_a_contiguous_run_within_the_path():
     assert clone_span(layers[:1], np.random.default_rng(0)) == set()
 
 
-def test_a_span_clones_every_layer_in_it(mbv2):
+def test_a_span_candidate_clones_the_span_and_changes_nothing_else(mbv2):
     ids = [f"m{i}" for i in range(len(mbv2))]
     parent = list(zip(ids, mbv2, strict=True))
+    hparams = {**DEFAULT_HPARAMS, "mu": 0.5, "opt_lr": 0.002}  # a high mu: every other mutation is likely
+    spans = others = 0
     for seed in range(40):
-        cand = mutate_path("t", parent, "t", 1, {**DEFAULT_HPARAMS, "mu": 0.1}, mbv2[-1], parent[1:-1],
-                           np.random.default_rng(seed), max_blocks=len(mbv2))
+        cand = mutate_path("t", parent, "t", 1, hparams, mbv2[-1], parent[1:-1],
+                           np.random.default_rng(seed), max_blocks=len(mbv2), own={"m3"})
         span = [m for m in cand.mutations if m.startswith("clone_span:")]
-        if not span or any(m.startswith(("remove_layer", "restore_layer", "add_layer")) for m in cand.mutations):
+        if not span:
+            others += len(cand.mutations) > 0
             continue
+        spans += 1
+        own_clone = "clone:inverted_residual2"  # m3 is layers[2]: cloned as the task's own, logged
+        assert [m for m in cand.mutations if m != own_clone] == span and cand.hparams == hparams
         lo, hi = (int(v) for v in span[0].split(":")[1].split("-"))
         cloned = {s.origin.removeprefix("clone:") for s in cand.slots if s.origin.startswith("clone:m")}
-        assert {f"m{p + 1}" for p in range(lo, hi + 1)} <= cloned  # layers[p] is parent[p + 1]
-        return
-    pytest.fail("no candidate in 40 seeds drew a span")
+        # layers[p] is parent[p + 1]; the task's own modules are cloned too; the path keeps its shape
+        assert cloned == {f"m{p + 1}" for p in range(lo, hi + 1)} | {"m3"}
+        assert [s.module_id or s.origin.removeprefix("clone:") for s in cand.slots[:-1]] == ids[:-1]
+    assert spans >= 5 and others >= 5
