@@ -24,6 +24,7 @@ def export_merged(store: Any, module_ids: list[str], path: Path, size: int) -> f
 
     from munet.models.export import INPUT, OPSET, OUTPUT
     from munet.models.vit import Chain
+    from munet.ort_threads import session_options
 
     chain = Chain([store.load_module(m).eval() for m in module_ids]).eval()
     with warnings.catch_warnings(), torch.no_grad():
@@ -34,7 +35,7 @@ def export_merged(store: Any, module_ids: list[str], path: Path, size: int) -> f
     x = np.random.default_rng(3).random((5, 3, size, size), dtype=np.float32)
     with torch.no_grad():
         ref = chain(torch.from_numpy(x)).numpy()
-    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {INPUT: x})[0]
+    got = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"]).run(None, {INPUT: x})[0]
     return float(np.abs(ref - got).max())
 
 
@@ -50,7 +51,8 @@ def raw_rows(s: Settings, store: Any, cfg: Any, task: str, images: np.ndarray, m
     rec = store.get_path(task)
     labels = store.get_task(task).labels
     size = images.shape[1]
-    runtime = Runtime(store, cfg.providers, cfg.intra_op_threads, merged_max_batch=max(1, cfg.merged_max_batch))
+    runtime = Runtime(store, cfg.providers, cfg.intra_op_threads, merged_max_batch=max(1, cfg.merged_max_batch),
+                      shared_threads=cfg.shared_thread_pool)
     served = runtime.prepare(rec, labels, size)
     if served.merged is None:
         raise RuntimeError("the path's joined session was not used (see the log): the joined row would be the chain")

@@ -345,6 +345,7 @@ BENCHES = {
     "margin": ("margin", "promotions on validation noise, with and without the margin"),
     "spans": ("clone_spans", "which layers a candidate should train: cloned spans against fine-tuning"),
     "hot-path": ("hot_path", "where a single image's time goes: client, server, ONNX Runtime, caches"),
+    "thread-pool": ("thread_pool", "ONNX Runtime's shared spinning pool against a pool per session: latency, CPU"),
 }
 
 

@@ -14,6 +14,7 @@ from conftest import register_digits
 import munet.service.runtime as runtime_mod
 from munet.data.images import to_model_input
 from munet.models.export import export_module
+from munet.ort_threads import session_options
 from munet.service.merged import NotJoinable, join_modules
 from munet.service.runtime import run_grouped
 
@@ -96,8 +97,7 @@ def test_the_imagenet_roots_blocks_join_bit_identically():
 
     modules, _ = _load_mobilenet_imagenet()
     models = [onnx.load_from_string(export_module(m)) for m in modules[:6]]
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so = session_options()  # the test process's shared pool, where an App made it
     chain = [ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]) for m in models]
     joined = ort.InferenceSession(join_modules(models), so, providers=["CPUExecutionProvider"])
     for n in (1, 3):

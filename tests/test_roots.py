@@ -27,6 +27,7 @@ from munet.models.roots import (
 )
 from munet.models.store import SCHEMA_VERSION, Store
 from munet.models.vit import Chain
+from munet.ort_threads import session_options
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def mbv2():
 
 
 def _onnx(module) -> ort.InferenceSession:
-    return ort.InferenceSession(export_module(module), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(export_module(module), session_options(), providers=["CPUExecutionProvider"])
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:

@@ -118,3 +118,40 @@ def test_device_bound_chains_give_the_same_outputs(make_app):
     assert all(isinstance(g, np.ndarray) for g in grouped)
     assert np.allclose(grouped[0], pa.run(xa), atol=1e-5) and np.allclose(grouped[1], pb.run(xb), atol=1e-5)
     assert np.allclose(grouped[2], pa.run(xa[:1]), atol=1e-5)
+
+
+_POOL_PROBE = r'''
+import sys
+import numpy as np, onnxruntime as ort, torch
+from munet.models.export import export_module
+from munet.models.vit import Block, BlockConfig
+from munet.ort_threads import session_options, shared
+from munet.service.runtime import SessionPool
+
+model = export_module(Block(BlockConfig(16, 2, 32, 8)).eval())
+pool = SessionPool(None, ["CPUExecutionProvider"], intra_op_threads=2, shared_threads=sys.argv[1] == "on")
+x = np.ones((1, 5, 16), np.float32)
+a = ort.InferenceSession(model, pool._options(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+b = ort.InferenceSession(model, session_options(1), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+try:  # a session with a pool of its own, as ORT's defaults make it
+    ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    own = "ok"
+except Exception:
+    own = "refused"
+print(shared(), pool._options().use_per_session_threads, bool(np.array_equal(a, b)), own)
+'''
+
+
+def test_sessions_share_one_thread_pool_unless_configured_off():
+    """The shared pool is the process's: probed in fresh processes. Once it exists ONNX Runtime refuses a
+    session with a pool of its own, which is why every session comes from `session_options`."""
+    import subprocess
+    import sys
+
+    def probe(mode: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", _POOL_PROBE, mode], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip().splitlines()[-1].split()  # ORT prints its refusal above
+
+    assert probe("on") == ["True", "False", "True", "refused"]
+    assert probe("off") == ["False", "True", "True", "ok"]

@@ -68,14 +68,12 @@ class FrozenRunner:
         if s is None:
             import onnxruntime as ort
 
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = self.threads
-            so.inter_op_num_threads = 1
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            from munet.ort_threads import session_options
+
+            so = session_options(self.threads)  # the server's shared pool when it runs in the server
             # no arena: these sessions run whole data sets in large batches once and then sit idle; an
             # arena would keep each one's peak (hundreds of MB for early MobileNetV2 blocks) for good
             so.enable_cpu_mem_arena = False
-            so.log_severity_level = 3
             try:
                 s = ort.InferenceSession(ensure_onnx(self.store, module_id), so, providers=["CPUExecutionProvider"])
             except Exception as e:  # noqa: BLE001 - an export or load failure must not stop evolution

@@ -81,11 +81,9 @@ def export_and_check(store: Store, rec, atol: float, threads: int = 1, n: int = 
     import onnxruntime as ort
 
     from munet.errors import FailedPrecondition
+    from munet.ort_threads import session_options
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = max(1, threads)
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
+    so = session_options(max(1, threads))
     sessions = [ort.InferenceSession(ensure_onnx(store, m), sess_options=so, providers=["CPUExecutionProvider"])
                 for m in rec.modules]
 

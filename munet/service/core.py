@@ -93,7 +93,8 @@ class Core:
         self.store = store
         self.path_maker = path_maker
         self.runtime = Runtime(store, config.providers, config.intra_op_threads,
-                               max_versions=config.max_loaded_versions, merged_max_batch=config.merged_max_batch)
+                               max_versions=config.max_loaded_versions, merged_max_batch=config.merged_max_batch,
+                               shared_threads=config.shared_thread_pool)
         self._loading: dict[tuple[str, int], asyncio.Future] = {}
         self.shadows = Shadows(config.shadow_rate, seed=config.seed)
         self.batcher = MicroBatcher(config.max_batch_size, config.max_delay_ms, on_batch=self._on_batch,

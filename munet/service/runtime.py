@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from munet.models.export import ensure_onnx
 from munet.models.store import PathRecord, Store
+from munet.ort_threads import session_options, shared_thread_pool
 from munet.service.merged import join_modules
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def usable_providers(wanted: list[str]) -> list[str]:
             continue
         ort.set_default_logger_severity(4)
         try:
-            got = ort.InferenceSession(probe, providers=[p, "CPUExecutionProvider"]).get_providers()
+            got = ort.InferenceSession(probe, session_options(), providers=[p, "CPUExecutionProvider"]).get_providers()
         except Exception:  # noqa: BLE001 - any failure means "not usable here"
             got = []
         finally:
@@ -71,10 +72,12 @@ def usable_providers(wanted: list[str]) -> list[str]:
 class SessionPool:
     """Module id -> InferenceSession, created on first use and shared by all paths."""
 
-    def __init__(self, store: Store, providers: list[str], intra_op_threads: int = 0):
+    def __init__(self, store: Store, providers: list[str], intra_op_threads: int = 0, shared_threads: bool = True):
         self.store = store
         self.providers = usable_providers(providers)
         self.intra_op_threads = intra_op_threads
+        if shared_threads:
+            shared_thread_pool(intra_op_threads)
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._joined: dict[tuple[str, ...], ort.InferenceSession] = {}  # module ids -> one session for all
         self._lock = threading.Lock()
@@ -83,15 +86,8 @@ class SessionPool:
         log.info("ONNX Runtime %s, providers %s", ort.__version__, self.providers)
 
     def _options(self) -> ort.SessionOptions:
-        so = ort.SessionOptions()
+        so = session_options(self.intra_op_threads)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.intra_op_threads:
-            so.intra_op_num_threads = self.intra_op_threads
-        so.inter_op_num_threads = 1
-        # A path is a chain of sessions: spinning worker threads of idle sessions fight the busy one
-        # for the cores (measured 2.5x slower on 2 cores), and starve training too.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.log_severity_level = 3
         return so
 
     def get(self, module_id: str) -> ort.InferenceSession:
@@ -246,9 +242,9 @@ class Runtime:
     that requests asked for by number, kept loaded in an LRU of `max_versions`."""
 
     def __init__(self, store: Store, providers: list[str], intra_op_threads: int = 0, max_versions: int = 8,
-                 merged_max_batch: int = 8):
+                 merged_max_batch: int = 8, shared_threads: bool = True):
         self.store = store
-        self.pool = SessionPool(store, providers, intra_op_threads)
+        self.pool = SessionPool(store, providers, intra_op_threads, shared_threads)
         self.merged_max_batch = merged_max_batch
         self._paths: dict[str, ServedPath] = {}
         self._lock = threading.Lock()
