@@ -16,7 +16,7 @@ from munet.app import App
 from munet.client import MunetClient, MunetClientError
 from munet.data import images as imglib
 from munet.data.splits import TRAIN
-from munet.evolution.scoring import paired_margin
+from munet.evolution.scoring import paired_margin, selection_bias_se
 from munet.models.store import SCHEMA_VERSION, Store
 from munet.service.core import Examples
 from tests.conftest import evolve, register_digits
@@ -179,6 +179,22 @@ def test_a_margin_keeps_noise_from_swapping_versions(make_app):
     assert m == pytest.approx(se) and 0.0 < m < 0.06  # so this candidate clears it
     assert paired_margin(y, y, y, 1.0, 0.0) == pytest.approx(0.01)  # identical answers: one image's worth
     assert paired_margin(inc, cand, y, 1.0, 0.5) == 0.5  # and never below the floor
+
+
+def test_the_margin_is_the_winners_curse_of_the_candidates_compared(make_app):
+    # E[max of k standard normals]: what choosing the best of k adds to validation noise
+    assert selection_bias_se(1) == 0.0 and selection_bias_se(0) == 0.0
+    assert selection_bias_se(2) == pytest.approx(1 / np.sqrt(np.pi), abs=1e-4)  # exact for two
+    assert selection_bias_se(4) == pytest.approx(1.0294, abs=1e-3)  # the server's default: one SE
+    draws = np.random.default_rng(0).standard_normal((200_000, 8)).max(axis=1).mean()
+    assert selection_bias_se(8) == pytest.approx(draws, abs=0.01)
+    # a lone candidate was chosen from nothing: only the floor stands between it and promotion
+    app = make_app(promotion_min_margin=0.0123, evolution_process=False)
+    register_digits(app, "lone", max_examples=300)
+    app.store.update_path("lone", 1, score=0.0)
+    report = evolve(app, "lone", n_candidates=1)
+    assert report.promoted
+    assert "+ margin 0.0123" in app.store.get_path("lone", report.promoted_version).lineage["decision"]
 
 
 def test_a_store_of_schema_2_opens_with_every_task_on_auto(tmp_path):

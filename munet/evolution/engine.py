@@ -10,7 +10,7 @@ import torch
 from munet.config import Config
 from munet.data.splits import TEST, TRAIN, VALIDATION
 from munet.evolution.mutations import DEFAULT_HPARAMS
-from munet.evolution.scoring import paired_margin, score
+from munet.evolution.scoring import paired_margin, score, selection_bias_se
 from munet.evolution.train import FrozenRunner, fit_head
 from munet.models.accounting import accounted_params
 from munet.models.export import export_and_check
@@ -62,7 +62,10 @@ class InitialPaths:
         root_head = self.store.load_module(root[-1])
         n_root = root_params(self.store, task.root)
         best = None
-        for source, parent, trunk in self.trunks(task):
+        trunks = list(self.trunks(task))
+        # the root's trunk is the incumbent, the others contend (scoring.selection_bias_se)
+        margin_se = self.config.promotion_margin_se * selection_bias_se(len(trunks) - 1)
+        for source, parent, trunk in trunks:
             # only what a head reads is kept: (N, 1, D) class tokens or (N, C, 1, 1) pooled maps
             feats = {s: self.runner.run(trunk, x, reduce=type(root_head).reduce) for s, (x, _) in xs.items()}
             head, secs = fit_head(feats[TRAIN], xs[TRAIN][1], len(task.labels), like=root_head,
@@ -75,8 +78,8 @@ class InitialPaths:
             # emoji_subgroups, 298 validation images)
             pred = predict_classes(head, feats[VALIDATION])
             cfg = self.config
-            if best is None or val > best[0] + paired_margin(best[6], pred, xs[VALIDATION][1],
-                                                             cfg.promotion_margin_se, cfg.promotion_min_margin):
+            if best is None or val > best[0] + paired_margin(best[6], pred, xs[VALIDATION][1], margin_se,
+                                                             cfg.promotion_min_margin):
                 best = (val, source, parent, trunk, head, feats, pred)
         assert best is not None
         val, source, parent, trunk, head, feats, _ = best

@@ -19,7 +19,7 @@ from munet.data.splits import TEST, TRAIN, VALIDATION
 from munet.errors import FailedPrecondition, NotFound
 from munet.evolution.mutations import DEFAULT_HPARAMS, Candidate, is_conv, mutate_path
 from munet.evolution.promotion import offer, persist_candidate, promote
-from munet.evolution.scoring import paired_margin
+from munet.evolution.scoring import paired_margin, selection_bias_se
 from munet.evolution.scoring import score as scale_score
 from munet.evolution.train import FrozenRunner, PrefixCache
 from munet.evolution.trainers import TrainJob, TrainOutcome, TrainSettings, make_trainer
@@ -174,8 +174,12 @@ class Evolver:
                                lineage=rec.lineage)
         return rec
 
-    def margin(self, incumbent_pred: np.ndarray, candidate_pred: np.ndarray, y: np.ndarray) -> float:
-        return paired_margin(incumbent_pred, candidate_pred, y, self.config.promotion_margin_se,
+    def margin(self, incumbent_pred: np.ndarray, candidate_pred: np.ndarray, y: np.ndarray,
+               contenders: int) -> float:
+        """What the best of `contenders` candidates must beat the incumbent's score by (scoring's
+        selection_bias_se: the winner's curse of choosing it among that many, and the floor)."""
+        return paired_margin(incumbent_pred, candidate_pred, y,
+                             self.config.promotion_margin_se * selection_bias_se(contenders),
                              self.config.promotion_min_margin)
 
     # ---- parents ----------------------------------------------------------------------------
@@ -305,7 +309,8 @@ class Evolver:
             return report
         _, best_cand, best_rep = best
         inc_pred = self.path_predictions(incumbent, xv, (task, ev, "val"))
-        margin = self.margin(inc_pred, self._val_predictions.pop(id(best_cand)), yv)
+        margin = self.margin(inc_pred, self._val_predictions.pop(id(best_cand)), yv,
+                             sum(not r.error for r in reports.values()))
         self._val_predictions.clear()
         bar = float(incumbent.score or 0.0) + margin
         policy = self.store.get_task(task).policy  # may have changed during the generation
