@@ -4,8 +4,9 @@ the promotion margin?
     munet bench margin                     # ~10 min on 2 cores: two small tasks, 8 generations each
 
 A promotion is only worth its swap if the new version is better on data it was not chosen on. For
-each task and each margin setting (`--margins`, in standard errors of the incumbent's validation
-accuracy, see Evolver.margin), a fresh store registers the task the same way and runs the same
+each task and each margin setting (`--margins`: `promotion_margin_se`, which scales the winner's
+curse of the candidates compared, ~1.03 paired standard errors for the default four; see
+scoring.selection_bias_se), a fresh store registers the task the same way and runs the same
 seeded generations; every promotion is then judged on the task's test split: a "noise promotion"
 is one whose test accuracy is not higher than the version it replaced. Also reported: the binomial
 standard error of the validation accuracy the margin is made of, and the spread of validation
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="munet bench margin", description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default="uci_digits,animal_shapes", help="built-in data sets")
     p.add_argument("--max-examples", type=int, default=600, help="per task (small: a small validation set)")
-    p.add_argument("--margins", default="0,1", help="margins to compare, in standard errors")
+    p.add_argument("--margins", default="0,1", help="promotion_margin_se values to compare")
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--candidates", type=int, default=4)
     p.add_argument("--steps", type=int, default=40, help="training steps per candidate")
