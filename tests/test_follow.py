@@ -53,6 +53,23 @@ def test_a_version_published_elsewhere_is_followed_and_a_failed_load_keeps_the_o
     wait_until(lambda: leader.core.runtime.get("t") is None, what="the leader to drop the deleted task")
 
 
+def test_a_task_deleted_while_a_server_loads_it_is_not_a_failed_load(make_app, monkeypatch):
+    app = make_app(evolution_process=False)
+    register_digits(app, "brief", max_examples=300)
+    core = app.core
+    seen = app.store.get_task("brief")
+    failures = metrics.FOLLOW_FAILURES.labels("brief")._value.get()
+    core.delete_task("brief")
+    core._follow_version(seen)  # the sync read the task before the deletion, loads after it
+    assert metrics.FOLLOW_FAILURES.labels("brief")._value.get() == failures
+    assert not any(e["kind"] == "failed" for e in app.store.events(task="brief"))
+    assert ("brief", seen.current_version) not in core._load_failures
+    # a sync that meets the deletion half-way drops the task and reports nothing
+    monkeypatch.setattr(app.store, "list_tasks", lambda: [seen])
+    core.sync_from_store()
+    assert core.runtime.get("brief") is None
+
+
 def test_only_one_app_leads_and_a_clean_stop_hands_the_lease_over_at_once(make_app, tmp_path):
     home = tmp_path / "store"
     first = make_app(home=home, leader_lease_s=30.0)

@@ -171,9 +171,14 @@ class Core:
             tasks = {t.name: t for t in self.store.list_tasks() if t.current_version is not None}
             for t in tasks.values():
                 live = self.runtime.get(t.name)
-                if live is None or live.version != t.current_version:
-                    self._follow_version(t)
-                self._follow_pending(t)
+                try:
+                    if live is None or live.version != t.current_version:
+                        self._follow_version(t)
+                    self._follow_pending(t)
+                except NotFound:
+                    if not self._moved_on(t):
+                        raise
+                    # deleted or moved while this sync ran: the next sync serves what is there then
             for task in set(self.runtime.tasks()) - set(tasks):
                 old = self.runtime.get(task)
                 self.runtime.remove(task)
@@ -215,6 +220,8 @@ class Core:
             rec = self.store.get_path(t.name, t.current_version)
             served = self.runtime.prepare(rec, t.labels, t.image_size)
         except Exception as e:  # noqa: BLE001 - whatever it is, the old version keeps serving
+            if isinstance(e, NotFound) and self._moved_on(t):
+                return  # not a failure: the task was deleted or rolled on while this loaded
             self._load_failures[key] = time.monotonic() + self.LOAD_RETRY_S
             live = self.runtime.get(t.name)
             msg = f"{type(e).__name__}: {e}"
@@ -228,6 +235,15 @@ class Core:
         self._load_failures.pop(key, None)
         self._swap_in(served)
         log.info("serving %s v%d", served.task, served.version)
+
+    def _moved_on(self, t: TaskRecord) -> bool:
+        """Whether the store no longer has `t` as this sync read it (deleted, or another current
+        version): what a NotFound during a sync means when it is no fault of the store."""
+        try:
+            now = self.store.get_task(t.name)
+        except NotFound:
+            return True
+        return now.uid != t.uid or now.current_version != t.current_version
 
     def _follow_pending(self, t: TaskRecord) -> None:
         pending = [v for v in self.store.list_versions(t.name) if v.status == "pending"]
