@@ -113,9 +113,10 @@ class Config:
     train_batch_size: int = setting(64, "examples per training step")
     scale_base: float = setting(0.98, "score = validation accuracy x scale_base ** (accounted params / root params)")
     # validation noise alone must not swap versions back and forth
-    promotion_margin_se: float = setting(1.0, "a candidate is promoted only if its score beats the incumbent's by "
-                                              "this many standard errors of the difference of their validation "
-                                              "accuracies (paired: the same images)")
+    promotion_margin_se: float = setting(1.0, "the best of k candidates is promoted only if its score beats the "
+                                              "incumbent's by this many times the expected maximum of k standard "
+                                              "normals (1.03 for four, 0 for one), in standard errors of the "
+                                              "difference of their validation accuracies (paired: the same images)")
     promotion_min_margin: float = setting(0.002, "and by at least this much (absolute score)")
     keep_versions: int = setting(10, "path versions kept per task for rollback")
     pause_queue_depth: int = setting(32, "evolution pauses while more images than this wait to be served")
