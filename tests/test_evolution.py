@@ -258,26 +258,3 @@ def test_retired_versions_and_deleted_tasks_leave_the_metrics(make_app):
     app.core.delete_task("watched")
     assert not path_modules("watched", report.promoted_version)
     assert REGISTRY.get_sample_value("munet_path_version", {"task": "watched"}) is None
-
-
-def test_a_trunk_the_task_does_not_own_yet_first_gets_a_span_candidate(make_app, monkeypatch):
-    from munet.evolution import mutations
-
-    monkeypatch.setattr(mutations, "SPAN_PROB", 0.0)  # only the forced spans remain
-    app = make_app(evolution_process=False)
-    register_digits(app, "t", max_examples=300)
-    _force_promotion(app, "t")
-    report = evolve(app, "t", n_candidates=4)
-    seen: set[tuple[str, int | None]] = set()
-    for c in report.candidates:
-        spans = [m for m in c.mutations if m.startswith("clone_span:")]
-        # the registration path, the root and other tasks' paths: none of their trunk is this task's
-        assert bool(spans) == ((c.parent_task, c.parent_version) not in seen), (c.parent_task, c.mutations)
-        seen.add((c.parent_task, c.parent_version))
-    assert report.promoted and report.candidates[0].parent_version == 1
-    grown = app.store.get_path("t")
-    assert set(grown.modules) - set(app.store.get_path("t", 1).modules) - {grown.modules[-1]}  # owns trunk now
-    # a parent the task has grown draws as before: with SPAN_PROB 0, never a span
-    report = evolve(app, "t", n_candidates=1)
-    assert report.candidates[0].parent_version == grown.version
-    assert not any(m.startswith("clone_span:") for m in report.candidates[0].mutations)

@@ -214,20 +214,6 @@ def test_clone_span_is_a_contiguous_run_within_the_path():
     assert clone_span(layers[:1], np.random.default_rng(0)) == set()
 
 
-def test_a_forced_span_is_always_drawn_and_leaves_the_other_draws_alone():
-    from munet.evolution.mutations import clone_span
-
-    layers = [(f"m{i}", None) for i in range(18)]
-    for seed in range(50):
-        free, forced = np.random.default_rng(seed), np.random.default_rng(seed)
-        drawn, span = clone_span(layers, free), clone_span(layers, forced, force=True)
-        assert span and span == set(range(min(span), max(span) + 1)) and 9 <= max(span) <= 13
-        if drawn:  # a span drawn anyway is the same span
-            assert drawn == span
-            assert free.random() == forced.random()  # and the candidate's later draws are the same
-    assert clone_span(layers[:1], np.random.default_rng(0), force=True) == set()  # nothing to span
-
-
 def test_a_span_candidate_clones_the_span_and_changes_nothing_else(mbv2):
     ids = [f"m{i}" for i in range(len(mbv2))]
     parent = list(zip(ids, mbv2, strict=True))

@@ -255,20 +255,15 @@ class Evolver:
         # new modules (adapters, blocks, heads) take their initial weights from torch's global generator:
         # seeded per generation, so a generation repeats, and is the same on either backend
         torch.manual_seed(zlib.crc32(f"{cfg.seed}/{gen}/{task}".encode()))
-        spanned: set[tuple[str, int]] = set()
         for _ in range(n_candidates):
             parent = self.sample_parent(population, seeds, rng)
             self.offspring[(parent.task, parent.version)] = self.offspring.get((parent.task, parent.version), 0) + 1
             parent_modules = [(m, self.store.load_module(m)) for m in parent.modules]
             users = self.store.module_users()
             own = {m for m in parent.modules if m not in root and users.get(m, set()) <= {task}}
-            # a trunk the task does not own yet: its first child here is a span (mutations.SPAN_PROB)
-            fresh = not own - {parent.modules[-1]} and (parent.task, parent.version) not in spanned
-            if fresh:
-                spanned.add((parent.task, parent.version))
             cand = mutate_path(task, parent_modules, parent.task, parent.version if parent.task == task else None,
                                parent.hparams, head_module, root_blocks, rng, max_blocks=len(root_blocks) + 2,
-                               own=own, span_first=fresh)
+                               own=own)
             picks.append((parent, cand, *self._prepare(cand, xt, xv, ev, int(rng.integers(1 << 31)))))
         reports: dict[int, CandidateReport] = {}  # by candidate, filled as each finishes (in any order)
 

@@ -56,15 +56,6 @@ HP_LISTS: dict[str, list] = {
 # blocks 4-6 gained nothing and one over the top blocks and conv lost 2.2 points. The top of a CNN
 # is also where the parameters are (MobileNetV2's blocks 15-17 and final conv: 1.5M of 2.2M), which
 # scale control pays for; muNet's scattered clones still reach those layers.
-# A parent whose trunk the task does not own yet (its registration path, the root, another task's
-# path) gets a span as its first child in a generation, not a coin flip. In the three six-task runs
-# of 2026-11-28 (seeds 0-2, 1 candidate x 2 generations) 9 of the 10 spans drawn on such parents were
-# promoted (validation score +1.0 to +5.9 points, mean +2.6; the tenth sat on another task's evolved
-# path), while muNet's scattered candidates on the tasks' registration paths ranged from +5.8 to -53
-# (uci_digits collapsed under the restarts schedule) and lost to their parent 3 times in 10. The
-# three tasks that drew no span on their registration path lost 1.4-2.0 points to fine-tuning. The
-# other candidates of a generation, and every child of a parent the task has already grown, are
-# drawn as before (SPAN_PROB), so muNet's search still runs.
 SPAN_PROB = 0.5
 SPAN_MIN = 2
 SPAN_END = (0.5, 0.75)  # the span's last layer, as a fraction of the path's layers (both ends drawn)
@@ -256,13 +247,11 @@ def new_head_like(head: nn.Module, dim: int) -> nn.Module:
 # ---- whole-path mutation ------------------------------------------------------------------------
 
 
-def clone_span(layers: list[tuple[str, nn.Module]], rng: np.random.Generator, force: bool = False) -> set[int]:
-    """Positions of a contiguous run of layers to clone together (SPAN_PROB per candidate, always when
-    `force`; empty otherwise): between SPAN_MIN layers and half of them, ending in the SPAN_END part of
-    the path."""
+def clone_span(layers: list[tuple[str, nn.Module]], rng: np.random.Generator) -> set[int]:
+    """Positions of a contiguous run of layers to clone together (SPAN_PROB per candidate; empty
+    otherwise): between SPAN_MIN layers and half of them, ending in the SPAN_END part of the path."""
     n = len(layers)
-    drawn = rng.random() < SPAN_PROB  # drawn even when forced: the rest of the candidate's draws stay the same
-    if n < SPAN_MIN or not (drawn or force):
+    if n < SPAN_MIN or rng.random() >= SPAN_PROB:
         return set()
     lo = max(SPAN_MIN - 1, int(n * SPAN_END[0]))
     end = int(rng.integers(lo, max(lo, min(n - 1, int(n * SPAN_END[1]))) + 1))
@@ -281,7 +270,6 @@ def mutate_path(
     rng: np.random.Generator,
     max_blocks: int,
     own: set[str] = frozenset(),
-    span_first: bool = False,
 ) -> Candidate:
     """A child of `parent`: stored modules stay frozen unless cloned; the head always trains.
 
@@ -292,13 +280,12 @@ def mutate_path(
     reads, a new head of that width is trained instead. Modules in `own` (this task's alone: neither
     the root's nor in another task's path) are always cloned, as muNet keeps training a task's
     unlocked components; the rest with probability mu each, or, with SPAN_PROB, a contiguous run of
-    layers together and no other change (`clone_span`; always with `span_first`). Works for every
-    root family: what a layer can grow is asked of `adapter_after`, `identity_layer_after` and
-    `expansions`.
+    layers together and no other change (`clone_span`). Works for every root family: what a layer can
+    grow is asked of `adapter_after`, `identity_layer_after` and `expansions`.
     """
     first = parent_modules[0]
     layers = list(parent_modules[1:-1])
-    span = clone_span(layers, rng, force=span_first)
+    span = clone_span(layers, rng)
     if span:  # a focused candidate (SPAN_PROB's comment): the span, the task's own modules, the head
         hp, muts = {**DEFAULT_HPARAMS, **parent_hparams}, [f"clone_span:{min(span)}-{max(span)}"]
         mu = 0.0
