@@ -32,7 +32,24 @@ def test_mu_net_schedules_share_the_cosine():
     assert lr_at(55, 100, hp) == pytest.approx(cosine(0.5, 0.01))
     assert lr_at(40, 100, {**hp, "opt_lr_schedule": "constant"}) == pytest.approx(0.005)
     restarts = {**hp, "opt_lr_schedule": "restarts"}
-    assert lr_at(0, 99, restarts) == lr_at(33, 99, restarts) == pytest.approx(0.01)  # each cycle starts at lr
+    assert lr_at(0, 99, restarts) == pytest.approx(0.01 / 100)  # the first cycle warms up too
+    assert lr_at(33, 99, restarts) == lr_at(66, 99, restarts) == pytest.approx(0.01)  # later cycles start at lr
+
+
+@pytest.mark.parametrize("total", [31, 94, 99, 100, 301])
+def test_restart_cycles_end_where_a_candidate_is_evaluated(total):
+    # train_candidate evaluates after step round(total * k / 3): each evaluation must see the end of
+    # a cycle (the rate near zero), never the first full-rate step of the next; the first steps warm
+    # up (pretrained blocks under AdamW at the full rate from step 0 collapsed: train.lr_at)
+    hp = {"opt_lr": 0.01, "opt_lr_schedule": "restarts", "opt_lr_warmup_ratio": 0.1}
+    lrs = [lr_at(s, total, hp) for s in range(total)]
+    ends = [round(total * (k + 1) / 3) for k in range(3)]
+    for e in ends:
+        assert lrs[e - 1] < 0.15 * 0.01, (e, lrs[e - 1])  # the step before an evaluation
+    for e in ends[:-1]:
+        assert lrs[e] == pytest.approx(0.01)  # the next cycle restarts at the full rate
+    assert lrs[0] < 0.01 / 2 and max(lrs) == pytest.approx(0.01)
+    assert all(0 < v <= 0.01 for v in lrs)
 
 
 def test_accuracy_counts_argmax_hits_in_batches_and_empty_is_zero():
