@@ -214,14 +214,16 @@ def lr_at(step: int, total: int, hp: dict, restarts: int = 3) -> float:
         while k < n - 1 and step >= round(total * (k + 1) / n):  # the evaluation steps' rounding
             k += 1
         start, end = round(total * k / n), round(total * (k + 1) / n)
-        if k == 0 and step < min(warm, end - 1):
-            return lr / 100 + (lr - lr / 100) * step / min(warm, end - 1)
-        if k == 0:
-            start = min(warm, end - 1)
-        return cosine((step - start) / max(1, end - start), lr)
+        if k == 0:  # the first cycle warms up, as cosine does, within the cycle
+            warm = start = min(warm, end - 1)
+        else:
+            warm = 0
+        total = end
+    else:
+        start = warm
     if step < warm:
         return lr / 100 + (lr - lr / 100) * step / warm
-    return cosine((step - warm) / max(1, total - warm), lr)
+    return cosine((step - start) / max(1, total - start), lr)
 
 
 @torch.no_grad()
